@@ -1,0 +1,216 @@
+"""MAML, first-order MAML and MAML++ as one implementation with switches.
+
+Finn, Abbeel, Levine. "Model-Agnostic Meta-Learning for Fast Adaptation of
+Deep Networks", ICML 2017: inner SGD steps on the support set, meta-loss on
+the query set, meta-gradient through the inner loop (or, first order, with
+the inner loop's Jacobian taken as the identity).
+
+Antoniou, Edwards, Storkey. "How to train your MAML", ICLR 2019: six fixes,
+each one flag here: msl (multi-step loss), da (derivative-order annealing),
+bnrs (per-step batch-norm running statistics), bnwb (per-step batch-norm
+weights and biases), lslr (learned per-layer per-step inner rates), ca
+(cosine-annealed meta learning rate).
+
+The task function is written once; the per-task loop computes inner gradients
+with torch.autograd.grad, the batched backend with torch.func.grad under
+torch.func.vmap. Both give the same meta-gradient (tests/test_maml.py).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metatrain.algorithms import MetaLearner
+from metatrain.algorithms.inner import GRADS, pick_backend
+from metatrain.data.tasks import TaskBatch
+
+
+def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
+    """Per-step query-loss weights of the multi-step loss at `epoch`.
+
+    Uniform at epoch 0; the non-final weights decay linearly to a floor of
+    0.03/steps while the final one grows, as in the MAML++ authors' code;
+    from `msl_epochs` on only the final step counts.
+    """
+    if epoch >= msl_epochs or steps == 1:
+        return [0.0] * (steps - 1) + [1.0]
+    decay = 1.0 / steps / msl_epochs
+    floor = 0.03 / steps
+    w = [max(1.0 / steps - epoch * decay, floor)] * (steps - 1)
+    w.append(min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor))
+    return w
+
+
+class InnerRates(nn.Module):
+    """LSLR: one learned inner learning rate per parameter tensor per step."""
+
+    def __init__(self, names: list[str], steps: int, init: float, dtype=torch.float32):
+        super().__init__()
+        self.rates = nn.ParameterDict(
+            {
+                n.replace(".", "-"): nn.Parameter(torch.full((steps,), float(init), dtype=dtype))
+                for n in names
+            }
+        )
+
+    def get(self, name: str, step: int) -> torch.Tensor:
+        r = self.rates[name.replace(".", "-")]
+        return r[min(step, r.shape[0] - 1)]
+
+
+class Maml(MetaLearner):
+    def __init__(self, cfg, model, train_cfg, bn_eval: str, device: torch.device):
+        self.cfg, self.model, self.train_cfg = cfg, model, train_cfg
+        self.bn_running = bn_eval == "running"
+        self.device = device
+        params = model.params()
+        # Per-step BN affine parameters are meta-learned only, never adapted (MAML++).
+        self.adapted = [n for n in params if not (cfg.bnwb and n.startswith("bn"))]
+        self.net = nn.ModuleDict({"model": model})
+        if cfg.lslr:
+            dtype = next(iter(params.values())).dtype
+            self.net["rates"] = InnerRates(self.adapted, cfg.train_steps, cfg.inner_lr, dtype)
+        self.net.to(device)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.meta_lr)
+        self.scheduler = None
+        if cfg.ca:
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=max(train_cfg.iterations, 1), eta_min=cfg.min_lr
+            )
+
+    # -- schedules ----------------------------------------------------------
+
+    def epoch(self, iteration: int) -> int:
+        return iteration // self.train_cfg.iters_per_epoch
+
+    def second_order(self, iteration: int) -> bool:
+        if self.cfg.first_order:
+            return False
+        return not (self.cfg.da and self.epoch(iteration) < self.cfg.da_epochs)
+
+    def step_weights(self, iteration: int) -> list[float]:
+        steps = self.cfg.train_steps
+        if self.cfg.msl:
+            return msl_weights(steps, self.epoch(iteration), self.cfg.msl_epochs)
+        return [0.0] * (steps - 1) + [1.0]
+
+    def backend(self, second_order: bool) -> str:
+        return pick_backend(self.train_cfg.backend.value, self.device, second_order)
+
+    # -- one task -----------------------------------------------------------
+
+    def _lr(self, name: str, step: int):
+        return self.net["rates"].get(name, step) if self.cfg.lslr else self.cfg.inner_lr
+
+    def _task(self, params, xs, ys, xq, yq, steps, weights, create_graph, grads_fn, running):
+        """Adapt on one task's support set; weighted query loss, final accuracy and the
+        support batches' normalisation statistics (steps, blocks, 2, C)."""
+        fast = dict(params)
+        loss = 0.0
+        stats = []
+        logits = None
+        for i in range(steps):
+
+            def support_loss(adapted, i=i):
+                out, s = self.model({**fast, **adapted}, xs, step=i, running=running)
+                return F.cross_entropy(out, ys), s
+
+            grads, s = grads_fn(support_loss, {n: fast[n] for n in self.adapted}, create_graph)
+            stats.append(s)
+            fast.update({n: fast[n] - self._lr(n, i) * grads[n] for n in self.adapted})
+            if weights[i] != 0.0 or i == steps - 1:
+                logits, _ = self.model(fast, xq, step=i, running=running)
+                if weights[i] != 0.0:
+                    loss = loss + weights[i] * F.cross_entropy(logits, yq)
+        acc = (logits.argmax(-1) == yq).float().mean()
+        return loss, acc, logits, torch.stack(stats)
+
+    # -- a batch of tasks -----------------------------------------------------
+
+    def _tasks(self, batch, params, steps, weights, create_graph, backend, running, backward):
+        """Run every task of the batch, one at a time (loop) or in vmapped chunks.
+
+        With `backward`, the mean loss is backpropagated chunk by chunk so that
+        only one chunk's unrolled graph is alive at a time. Returns detached
+        (losses, accs, logits, stats), each stacked over tasks.
+        """
+        n = len(batch)
+        grads_fn = GRADS[backend]
+        chunk = 1 if backend == "loop" else (self.train_cfg.vmap_chunk or n)
+
+        def one(xs, ys, xq, yq):
+            return self._task(
+                params, xs, ys, xq, yq, steps, weights, create_graph, grads_fn, running
+            )
+
+        parts = []
+        for i in range(0, n, chunk):
+            args = (
+                batch.xs[i : i + chunk],
+                batch.ys[i : i + chunk],
+                batch.xq[i : i + chunk],
+                batch.yq[i : i + chunk],
+            )
+            if backend == "loop":
+                out = [
+                    x.unsqueeze(0) if torch.is_tensor(x) else torch.tensor([x])
+                    for x in one(*(a[0] for a in args))
+                ]
+            else:
+                out = torch.func.vmap(one)(*args)
+            if backward:
+                (out[0].sum() / n).backward()
+            parts.append([x.detach() for x in out])
+        return [torch.cat([p[k] for p in parts]) for k in range(4)]
+
+    def meta_gradient(self, batch: TaskBatch, iteration: int, backend: str | None = None):
+        """Accumulate the meta-gradient of the mean task loss into .grad; returns
+        (mean loss, mean accuracy, per-step statistics averaged over tasks)."""
+        second = self.second_order(iteration)
+        losses, accs, _, stats = self._tasks(
+            batch,
+            self.model.params(),
+            self.cfg.train_steps,
+            self.step_weights(iteration),
+            second,
+            backend or self.backend(second),
+            False,
+            backward=True,
+        )
+        return losses.mean(), accs.mean(), stats.mean(0)
+
+    def meta_step(self, batch: TaskBatch, iteration: int) -> dict[str, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, acc, stats = self.meta_gradient(batch, iteration)
+        if self.cfg.grad_clip > 0:
+            # Element-wise clipping, as both published MAML implementations do.
+            torch.nn.utils.clip_grad_value_(self.net.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.model.update_running_stats(stats)
+        return {"loss": loss, "acc": acc}
+
+    def predict(self, batch: TaskBatch) -> torch.Tensor:
+        backend = self.backend(second_order=False)
+        steps = self.cfg.eval_steps
+        params = {n: p.detach() for n, p in self.model.params().items()}
+        out = self._tasks(
+            batch, params, steps, [0.0] * steps, False, backend, self.bn_running, backward=False
+        )
+        return out[2]
+
+    # -- checkpoints ----------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,153 @@
+"""Reptile.
+
+Nichol, Achiam, Schulman. "On First-Order Meta-Learning Algorithms", 2018.
+For each task, k steps of an inner optimiser (Adam with beta1 = 0, or SGD) on
+minibatches of the task's examples, starting from phi, give W; then
+phi <- phi + eps * mean_tasks(W - phi) (batched), or phi <- phi + eps (W - phi)
+after each task in turn (serial). eps falls linearly from meta_step to
+meta_step_final over the run. There is no support/query split in
+meta-training: each task draws train_shots examples per class.
+
+The inner Adam is written functionally and restarts for every task. Tasks run
+one at a time (loop) or together under torch.func.vmap.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metatrain.algorithms import MetaLearner
+from metatrain.algorithms.inner import GRADS, adam_step, pick_backend
+from metatrain.data.tasks import TaskBatch
+
+INNER_BETAS = (0.0, 0.999)  # beta1 = 0 as published: no momentum across minibatches
+
+
+def minibatch_ids(n: int, iters: int, batch: int, generator: torch.Generator, tasks: int):
+    """(tasks, iters, batch) example ids: passes over shuffled data, as in epochs."""
+    passes = math.ceil(iters * batch / n)
+    dev = generator.device
+    keys = torch.rand(tasks, passes, n, generator=generator, device=dev)
+    ids = keys.argsort(-1).reshape(tasks, passes * n)  # (tasks, passes*n) concatenated shuffles
+    return ids[:, : iters * batch].reshape(tasks, iters, batch)
+
+
+class Reptile(MetaLearner):
+    def __init__(self, cfg, model, train_cfg, bn_eval: str, device: torch.device, seed: int = 0):
+        self.cfg, self.model, self.train_cfg = cfg, model, train_cfg
+        self.bn_running = bn_eval == "running"
+        self.device = device
+        self.net = nn.ModuleDict({"model": model}).to(device)
+        self.generator = torch.Generator(device=device).manual_seed(seed + 7919)
+        if cfg.meta_batch < 1:
+            raise ValueError("meta_batch")
+
+    def train_shape(self, shots: int, queries: int) -> tuple[int, int]:
+        return self.cfg.train_shots, 0
+
+    def meta_step_size(self, iteration: int) -> float:
+        frac = iteration / max(self.train_cfg.iterations, 1)
+        return (1 - frac) * self.cfg.meta_step + frac * self.cfg.meta_step_final
+
+    def backend(self) -> str:
+        return pick_backend(self.train_cfg.backend.value, self.device, second_order=False)
+
+    def _inner(self, params, xs, ys, ids, lr, grads_fn):
+        """Train one task from params on minibatches xs[ids[i]]; returns W and the
+        batches' normalisation statistics (iters, blocks, 2, C)."""
+        fast = dict(params)
+        m = {n: torch.zeros_like(p) for n, p in fast.items()}
+        v = {n: torch.zeros_like(p) for n, p in fast.items()}
+        stats = []
+        for i in range(ids.shape[0]):
+            x, y = xs[ids[i]], ys[ids[i]]
+
+            def loss_fn(p, x=x, y=y):
+                out, s = self.model(p, x)
+                return F.cross_entropy(out, y), s
+
+            grads, s = grads_fn(loss_fn, fast, False)
+            stats.append(s)
+            for n, g in grads.items():
+                if self.cfg.inner_optimizer.value == "adam":
+                    fast[n], m[n], v[n] = adam_step(fast[n], g, m[n], v[n], i + 1, lr, INNER_BETAS)
+                else:
+                    fast[n] = fast[n] - lr * g
+        return fast, torch.stack(stats)
+
+    def _train_tasks(self, params, xs, ys, iters, batch, generator):
+        """W for every task: dict of (tasks, *shape) tensors, plus mean statistics."""
+        tasks, n = ys.shape
+        ids = minibatch_ids(n, iters, min(batch, n), generator, tasks)
+        backend = self.backend()
+        grads_fn = GRADS[backend]
+        lr = self.cfg.inner_lr
+        if backend == "loop":
+            outs = [self._inner(params, xs[t], ys[t], ids[t], lr, grads_fn) for t in range(tasks)]
+            w = {k: torch.stack([o[0][k] for o in outs]) for k in params}
+            stats = torch.stack([o[1] for o in outs])
+        else:
+            w, stats = torch.func.vmap(lambda x, y, i: self._inner(params, x, y, i, lr, grads_fn))(
+                xs, ys, ids
+            )
+        return {k: t.detach() for k, t in w.items()}, stats.mean(0)
+
+    @torch.no_grad()
+    def meta_step(self, batch: TaskBatch, iteration: int) -> dict[str, torch.Tensor]:
+        params = self.model.params()
+        phi = {n: p.detach() for n, p in params.items()}
+        eps = self.meta_step_size(iteration)
+        if self.cfg.serial:
+            # Algorithm 1: move phi after each task, the next task starting there.
+            for t in range(len(batch)):
+                w, stats = self._train_tasks(
+                    phi,
+                    batch.xs[t : t + 1],
+                    batch.ys[t : t + 1],
+                    self.cfg.inner_iters,
+                    self.cfg.inner_batch,
+                    self.generator,
+                )
+                phi = {n: phi[n] + eps * (w[n][0] - phi[n]) for n in phi}
+                self.model.update_running_stats(stats.mean(0, keepdim=True))
+        else:
+            # Algorithm 2: the mean of the tasks' displacements.
+            w, stats = self._train_tasks(
+                phi, batch.xs, batch.ys, self.cfg.inner_iters, self.cfg.inner_batch, self.generator
+            )
+            phi = {n: phi[n] + eps * (w[n].mean(0) - phi[n]) for n in phi}
+            self.model.update_running_stats(stats.mean(0, keepdim=True))
+        for n, p in params.items():
+            p.copy_(phi[n])
+        # The loss and accuracy of phi on the tasks it was trained on, for the log.
+        return self._score(phi, batch)
+
+    def _score(self, params, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        logits = torch.func.vmap(lambda x: self.model(params, x)[0])(batch.xs)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.ys.flatten())
+        acc = (logits.argmax(-1) == batch.ys).float().mean()
+        return {"loss": loss, "acc": acc}
+
+    @torch.no_grad()
+    def predict(self, batch: TaskBatch) -> torch.Tensor:
+        phi = {n: p.detach() for n, p in self.model.params().items()}
+        # A fixed generator: the fine-tuning minibatches of a task set never vary.
+        g = torch.Generator(device=self.device).manual_seed(0)
+        w, _ = self._train_tasks(
+            phi, batch.xs, batch.ys, self.cfg.eval_iters, self.cfg.eval_batch, g
+        )
+        running = self.bn_running
+
+        def query_logits(p, x):
+            return self.model(p, x, running=running)[0]
+
+        return torch.func.vmap(query_logits)(w, batch.xq)
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.generator.set_state(state["generator"])

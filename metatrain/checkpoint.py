@@ -1,0 +1,69 @@
+"""Checkpoints: atomic writes, exact resume, and refusal of a foreign config."""
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from metatrain.errors import MetatrainError
+from metatrain.files import save_torch
+
+# Keys that do not change what a run computes: a run may resume under other values.
+NON_MATH_KEYS = (
+    "logger",
+    "device",
+    "sweep_name",
+    "dataset.root",
+    "train.log_interval",
+    "train.backend",
+    "train.vmap_chunk",
+    "eval.batch",
+)
+
+
+def config_fingerprint(cfg) -> dict:
+    """The composed config as plain data, minus NON_MATH_KEYS."""
+    data = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    data.pop("hydra", None)
+    for key in NON_MATH_KEYS:
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return data
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_config(saved: dict, current: dict, where: Path) -> None:
+    a, b = _flatten(saved), _flatten(current)
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:3])
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise MetatrainError(
+            f"{where} was made with a different config ({shown}{more}); "
+            "use another output directory (hydra.run.dir=...) or delete it to start over"
+        )
+
+
+def load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - whatever torch.load raises, the answer is the same
+        raise MetatrainError(
+            f"checkpoint {path} is unreadable ({type(e).__name__}); move it away to start over"
+        ) from None
+
+
+def save(state: dict, path: Path) -> None:
+    save_torch(state, path)

@@ -1,0 +1,113 @@
+"""N-way K-shot episodes drawn by tensor indexing from class-major images.
+
+Images stay uint8 on the training device, shaped (classes, per_class, C, H, W).
+A task picks `ways` classes and, within each, shots + queries distinct images;
+the task's label j is its j-th randomly drawn class, so labels are permuted
+per task. Evaluation task sets are drawn once from a seeded CPU generator, so
+they are the same on every device, for every algorithm and run.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from metatrain.errors import MetatrainError
+
+
+@dataclass
+class TaskBatch:
+    xs: torch.Tensor  # (tasks, ways*shots, C, H, W) support inputs, normalised floats
+    ys: torch.Tensor  # (tasks, ways*shots) labels in [0, ways)
+    xq: torch.Tensor  # (tasks, ways*queries, C, H, W)
+    yq: torch.Tensor  # (tasks, ways*queries)
+
+    def __len__(self) -> int:
+        return self.xs.shape[0]
+
+    def task(self, t: int) -> "TaskBatch":
+        return TaskBatch(
+            self.xs[t : t + 1], self.ys[t : t + 1], self.xq[t : t + 1], self.yq[t : t + 1]
+        )
+
+
+class EpisodeSampler:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        ways: int,
+        shots: int,
+        queries: int,
+        mean: list[float],
+        std: list[float],
+        split: str = "train",
+    ):
+        classes, per_class = images.shape[:2]
+        if ways < 2:
+            raise MetatrainError(f"dataset.ways={ways}: a task needs at least 2 classes")
+        if shots < 1:
+            raise MetatrainError(
+                f"dataset.shots={shots}: each class needs at least 1 support example"
+            )
+        if queries < 0:
+            raise MetatrainError(f"dataset.queries={queries} must not be negative")
+        if ways > classes:
+            raise MetatrainError(
+                f"dataset.ways={ways} exceeds the {classes} classes of the {split} split; lower it"
+            )
+        if shots + queries > per_class:
+            raise MetatrainError(
+                f"shots + queries = {shots + queries} exceeds the {per_class} images per class "
+                f"of the {split} split; lower dataset.shots or dataset.queries"
+            )
+        self.images, self.ways, self.shots, self.queries = images, ways, shots, queries
+        c = images.shape[2]
+        if len(mean) != c or len(std) != c:
+            raise MetatrainError(f"dataset.mean and dataset.std need {c} values, one per channel")
+        # Normalisation as one fused multiply-add on the uint8 batch: x * scale + shift.
+        std_t = torch.tensor(std, device=images.device)
+        self.scale = (1.0 / (255.0 * std_t)).view(c, 1, 1)
+        self.shift = (-torch.tensor(mean, device=images.device) / std_t).view(c, 1, 1)
+
+    def draw(self, tasks: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class ids (tasks, ways) and image ids (tasks, ways, shots + queries)."""
+        classes, per_class = self.images.shape[:2]
+        dev = generator.device
+        # top-k of uniform noise is a uniformly random subset without replacement
+        cls = torch.rand(tasks, classes, generator=generator, device=dev).topk(self.ways).indices
+        noise = torch.rand(tasks, self.ways, per_class, generator=generator, device=dev)
+        ids = noise.topk(self.shots + self.queries).indices
+        return cls, ids
+
+    def gather(self, cls: torch.Tensor, ids: torch.Tensor) -> TaskBatch:
+        cls, ids = cls.to(self.images.device), ids.to(self.images.device)
+        tasks, ways, n = ids.shape
+        x = self.images[cls[..., None], ids]  # (tasks, ways, shots+queries, C, H, W) uint8
+        x = x.to(self.scale.dtype) * self.scale + self.shift
+        labels = torch.arange(ways, device=x.device)[None, :, None].expand(tasks, ways, n)
+        s = self.shots
+        img = x.shape[3:]
+        return TaskBatch(
+            xs=x[:, :, :s].reshape(tasks, ways * s, *img),
+            ys=labels[:, :, :s].reshape(tasks, ways * s),
+            xq=x[:, :, s:].reshape(tasks, ways * (n - s), *img),
+            yq=labels[:, :, s:].reshape(tasks, ways * (n - s)),
+        )
+
+    def sample(self, tasks: int, generator: torch.Generator) -> TaskBatch:
+        return self.gather(*self.draw(tasks, generator))
+
+
+class FixedTasks:
+    """A reproducible set of evaluation tasks, iterated in batches."""
+
+    def __init__(self, sampler: EpisodeSampler, n_tasks: int, seed: int):
+        self.sampler = sampler
+        g = torch.Generator().manual_seed(seed)
+        self.cls, self.ids = sampler.draw(n_tasks, g)
+
+    def __len__(self) -> int:
+        return self.cls.shape[0]
+
+    def batches(self, batch_size: int):
+        for i in range(0, len(self), batch_size):
+            yield self.sampler.gather(self.cls[i : i + batch_size], self.ids[i : i + batch_size])

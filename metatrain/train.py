@@ -1,0 +1,252 @@
+"""train(cfg): build everything, meta-train with validation and checkpoints,
+meta-test, write results.json. What the CLI and the tests call."""
+
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metatrain import checkpoint
+from metatrain.algorithms import build_learner
+from metatrain.data.tasks import EpisodeSampler, FixedTasks
+from metatrain.datasets import load_splits
+from metatrain.errors import MetatrainError
+from metatrain.evaluate import evaluate
+from metatrain.files import is_writable_dir, save_json
+from metatrain.logging import RunLogger, console
+from metatrain.models.conv4 import Conv4
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MetatrainError("device=cuda but no CUDA device is visible; use device=cpu or auto")
+    return torch.device(name)
+
+
+def run_dir_of(cfg) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # called outside Hydra (tests, notebooks)
+        return Path(os.getcwd())
+
+
+def build_model(cfg, device: torch.device) -> Conv4:
+    a = cfg.algorithm
+    per_step = a.name == "maml"
+    return Conv4(
+        in_channels=cfg.dataset.channels,
+        ways=cfg.dataset.ways,
+        image_size=cfg.dataset.image_size,
+        filters=cfg.model.filters,
+        downsample=cfg.model.downsample.value,
+        bn_weight_steps=a.train_steps if per_step and a.bnwb else 0,
+        bn_stat_steps=a.train_steps if per_step and a.bnrs else 1,
+        bn_momentum=cfg.model.bn_momentum,
+    ).to(device)
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "sampler": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["sampler"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_settings(cfg) -> None:
+    t, a = cfg.train, cfg.algorithm
+    positive = {
+        "train.iterations": t.iterations,
+        "algorithm.meta_batch": a.meta_batch,
+        "train.iters_per_epoch": t.iters_per_epoch,
+        "eval.test_tasks": cfg.eval.test_tasks,
+        "eval.val_tasks": cfg.eval.val_tasks,
+        "eval.batch": cfg.eval.batch,
+    }
+    if a.name == "maml":
+        positive.update(
+            {"algorithm.train_steps": a.train_steps, "algorithm.eval_steps": a.eval_steps}
+        )
+    else:
+        positive.update(
+            {
+                "algorithm.inner_iters": a.inner_iters,
+                "algorithm.inner_batch": a.inner_batch,
+                "algorithm.train_shots": a.train_shots,
+            }
+        )
+    for key, value in positive.items():
+        if value < 1:
+            raise MetatrainError(f"{key}={value} must be at least 1")
+    if cfg.dataset.queries < 1:
+        raise MetatrainError(f"dataset.queries={cfg.dataset.queries}: evaluation needs queries")
+
+
+def train(cfg, run_dir: Path | None = None) -> dict:
+    run_dir = Path(run_dir) if run_dir else run_dir_of(cfg)
+    if not is_writable_dir(run_dir):
+        raise MetatrainError(
+            f"cannot write to the output directory {run_dir}; choose another with hydra.run.dir=..."
+        )
+    ckpt_dir = run_dir / "checkpoints"
+    last_path = ckpt_dir / "last.pt"
+    results_path = run_dir / "results.json"
+    fingerprint = checkpoint.config_fingerprint(cfg)
+    _check_settings(cfg)
+
+    if results_path.exists() and not last_path.exists():
+        raise MetatrainError(f"{results_path} exists without checkpoints; use another directory")
+    resume = checkpoint.load(last_path) if last_path.exists() else None
+    if resume is not None:
+        checkpoint.check_same_config(resume["config"], fingerprint, last_path)
+        if resume.get("results") is not None:
+            console.print(f"[green]{run_dir} is finished; its results.json stands")
+            return resume["results"]
+
+    device = resolve_device(cfg.device.value)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    splits = load_splits(cfg.dataset)
+    ds = cfg.dataset
+    model = build_model(cfg, device)
+    learner = build_learner(cfg, model, device)
+    train_shots, train_queries = learner.train_shape(ds.shots, ds.queries)
+    images = {k: v.to(device) for k, v in splits.images.items()}
+    samplers = {
+        "train": EpisodeSampler(
+            images["train"], ds.ways, train_shots, train_queries, ds.mean, ds.std, "train"
+        ),
+        "val": EpisodeSampler(images["val"], ds.ways, ds.shots, ds.queries, ds.mean, ds.std, "val"),
+        "test": EpisodeSampler(
+            images["test"], ds.ways, ds.shots, ds.queries, ds.mean, ds.std, "test"
+        ),
+    }
+    val_tasks = FixedTasks(samplers["val"], cfg.eval.val_tasks, cfg.eval.seed)
+    test_tasks = FixedTasks(samplers["test"], cfg.eval.test_tasks, cfg.eval.seed + 1)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    start, wall, best = 0, 0.0, []  # best: [(val acc, iteration, file name)], best first
+    if resume is not None:
+        learner.load_state_dict(resume["learner"])
+        _set_rng_state(resume["rng"], generator)
+        start, wall, best = resume["iteration"], resume["wall_time_s"], resume["best"]
+        console.print(f"[cyan]resuming {run_dir} at iteration {start}")
+
+    def save_last(iteration: int, results: dict | None = None) -> None:
+        checkpoint.save(
+            {
+                "iteration": iteration,
+                "learner": learner.state_dict(),
+                "rng": _rng_state(generator),
+                "config": fingerprint,
+                "best": best,
+                "wall_time_s": wall,
+                "results": results,
+            },
+            last_path,
+        )
+
+    t = cfg.train
+    logger = RunLogger(cfg, run_dir, start, t.iterations)
+    try:
+        sums, n_sum, t0 = None, 0, time.perf_counter()
+        tick = t0
+        for it in range(start, t.iterations):
+            batch = samplers["train"].sample(cfg.algorithm.meta_batch, generator)
+            metrics = learner.meta_step(batch, it)
+            # Sum on device; .item() only at log time to avoid a sync per iteration.
+            step = torch.stack([metrics["loss"].detach(), metrics["acc"].detach()])
+            sums = step if sums is None else sums + step
+            n_sum += 1
+            done = it + 1
+            logger.advance(done)
+            if done % t.log_interval == 0 or done == t.iterations:
+                now = time.perf_counter()
+                loss, acc = (sums / n_sum).tolist()
+                logger.log(
+                    {"train/loss": loss, "train/acc": acc, "time/iter_s": (now - tick) / n_sum},
+                    step=done,
+                )
+                sums, n_sum, tick = None, 0, now
+            if done % t.val_interval == 0 or done == t.iterations:
+                val = evaluate(learner, val_tasks, cfg.eval.batch)
+                logger.log({"val/acc": val["acc"], "val/acc_ci95": val["ci95"]}, step=done)
+                best = _keep_best(best, val["acc"], done, learner, ckpt_dir, t.keep_best)
+            if done % t.checkpoint_interval == 0 or done == t.iterations:
+                wall += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save_last(done)
+        wall += time.perf_counter() - t0
+
+        members = _test_members(cfg, best, ckpt_dir)
+        test = evaluate(learner, test_tasks, cfg.eval.batch, members)
+        logger.log({"test/acc": test["acc"], "test/acc_ci95": test["ci95"]}, step=t.iterations)
+        results = {
+            "status": "finished",
+            "algorithm": cfg.algorithm.name,
+            "dataset": ds.name,
+            "ways": ds.ways,
+            "shots": ds.shots,
+            "test": {**test, "members": [b[1] for b in best[: len(members or [])]] or ["last"]},
+            "best_val": {"acc": best[0][0], "iteration": best[0][1]} if best else None,
+            "iterations": t.iterations,
+            "wall_time_s": wall,
+            "sec_per_iter": wall / max(t.iterations - start, 1) if start < t.iterations else None,
+            "device": str(device),
+            "config": fingerprint,
+        }
+        save_json(results, results_path)
+        save_last(t.iterations, results)
+        logger.finish({"test/acc": test["acc"], "test/acc_ci95": test["ci95"]})
+    except BaseException:
+        logger.finish()
+        raise
+    console.print(
+        f"[bold green]test accuracy {test['acc']:.2f} ± {test['ci95']:.2f}% "
+        f"over {test['tasks']} tasks -> {results_path}"
+    )
+    return results
+
+
+def _keep_best(best, acc, iteration, learner, ckpt_dir, keep):
+    """Save the network if it ranks among the `keep` best validation scores."""
+    ranked = sorted(
+        best + [(acc, iteration, f"best-{iteration:07d}.pt")], key=lambda b: (-b[0], b[1])
+    )
+    kept, dropped = ranked[:keep], ranked[keep:]
+    if any(b[1] == iteration for b in kept):
+        checkpoint.save(learner.net.state_dict(), ckpt_dir / f"best-{iteration:07d}.pt")
+    for b in dropped:
+        (ckpt_dir / b[2]).unlink(missing_ok=True)
+    return kept
+
+
+def _test_members(cfg, best, ckpt_dir) -> list[dict] | None:
+    """Network states to test: the top-k validation checkpoints, or None for the
+    final parameters."""
+    if cfg.eval.test_from.value == "last" or not best:
+        return None
+    k = max(cfg.eval.ensemble_top_k, 1)
+    return [checkpoint.load(ckpt_dir / b[2]) for b in best[:k]]
