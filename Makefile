@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: help install test lint format train clean
+.PHONY: help install test lint format train clean smoke repro-omniglot repro-miniimagenet \
+	ablation-mamlpp summarize slurm-start slurm-stop
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -29,6 +30,36 @@ format: install ## apply ruff's formatting and safe fixes
 
 train: install ## meta-train with the defaults (MAML, Omniglot 5-way 1-shot); ARGS="..." adds overrides
 	$(VENV)/bin/metatrain $(ARGS)
+
+SEEDS ?= 0,1,2
+METATRAIN := $(VENV)/bin/metatrain
+
+smoke: install ## run every experiment preset for two iterations (outputs/multirun/smoke)
+	$(PY) scripts/smoke.py --out outputs/multirun/smoke
+
+repro-omniglot: install ## every Omniglot row of the published tables, SEEDS seeds each; then the table
+	$(METATRAIN) -m 'experiment=glob(*_omniglot_*)' seed=$(SEEDS) sweep_name=repro-omniglot $(ARGS)
+	$(PY) scripts/summarize.py outputs/multirun/repro-omniglot
+
+repro-miniimagenet: install ## every MiniImageNet row of the published tables; then the table
+	$(METATRAIN) -m 'experiment=glob(*_miniimagenet_*)' seed=$(SEEDS) sweep_name=repro-miniimagenet $(ARGS)
+	$(PY) scripts/summarize.py outputs/multirun/repro-miniimagenet
+
+ablation-mamlpp: install ## MAML++ switches added to MAML and removed from MAML++, one at a time
+	$(METATRAIN) experiment=ablation_maml_plus_one $(ARGS)
+	$(METATRAIN) experiment=ablation_mamlpp_minus_one $(ARGS)
+	$(PY) scripts/summarize.py outputs/multirun/ablation-maml-plus-one
+	$(PY) scripts/summarize.py outputs/multirun/ablation-mamlpp-minus-one
+
+summarize: install ## table of a sweep beside the published numbers: make summarize SWEEP=outputs/multirun/NAME
+	$(PY) scripts/summarize.py $(SWEEP)
+
+slurm-start: ## install (apt) and start a one-node Slurm cluster on this machine
+	bash scripts/local_slurm.sh install
+	bash scripts/local_slurm.sh start
+
+slurm-stop: ## stop the local Slurm cluster
+	bash scripts/local_slurm.sh stop
 
 clean: ## remove the virtual environment and caches (not outputs/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -24,8 +24,9 @@ def all_classes() -> list[tuple[str, str]]:
 
 
 def colour(class_index: int, image_index: int) -> tuple[int, int, int]:
-    """Distinct per class (red, blue) and per image (green, image_index < 6)."""
-    return 20 + 2 * class_index, 30 + 40 * image_index, 220 - 2 * class_index
+    """Distinct per class (red, blue) and per image (green, while image_index < 6);
+    larger fixtures wrap the green channel around."""
+    return 20 + 2 * class_index, (30 + 40 * image_index) % 256, 220 - 2 * class_index
 
 
 def pixels(class_index: int, image_index: int, size: int = 84) -> np.ndarray:

@@ -1,0 +1,206 @@
+"""scripts/summarize.py: sweep cells written by hand in tmp folders (milliseconds), plus one
+real tiny sweep through the CLI (slow)."""
+
+import csv
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from metatrain.checkpoint import NON_MATH_KEYS
+from tests.conftest import REPO, run_cli
+
+SCRIPT = REPO / "scripts" / "summarize.py"
+spec = importlib.util.spec_from_file_location("summarize", SCRIPT)
+summarize = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(summarize)
+
+SWITCHES = ("msl", "da", "bnrs", "bnwb", "lslr", "ca")
+
+
+def config(algorithm="maml", dataset="omniglot", ways=5, shots=1, seed=0, bn_eval="batch", **algo):
+    """A composed config as Hydra writes it to .hydra/config.yaml, reduced to what matters."""
+    switches = {s: False for s in SWITCHES} if algorithm == "maml" else {}
+    a = {"name": algorithm, "first_order": False, **switches, **algo}
+    return {
+        "algorithm": a,
+        "dataset": {"name": dataset, "ways": ways, "shots": shots, "root": None},
+        "model": {"name": "conv4", "filters": 64, "bn_eval": bn_eval},
+        "train": {"iterations": 1000, "log_interval": 100},
+        "eval": {"seed": 1234, "batch": 50},
+        "logger": {"name": "none"},
+        "seed": seed,
+        "device": "auto",
+        "sweep_name": "s",
+    }
+
+
+def cell(root, overrides, cfg, acc=None, ci95=0.5, wall=10.0, error=None, iteration=None):
+    """A sweep cell folder: finished when acc is given, failed with error, else unfinished
+    (with a last.pt at `iteration` when given)."""
+    path = root / ",".join(sorted(overrides))
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    if acc is not None:
+        test = {"acc": acc, "ci95": ci95, "tasks": 600, "members": [1000]}
+        results = {"status": "finished", "test": test, "iterations": 1000, "wall_time_s": wall}
+        (path / "results.json").write_text(json.dumps({**results, "config": cfg}))
+    if error is not None:
+        (path / "error.txt").write_text(error)
+    if iteration is not None:
+        (path / "checkpoints").mkdir()
+        torch.save({"iteration": iteration, "wall_time_s": 3.0}, path / "checkpoints" / "last.pt")
+    return path
+
+
+def summary(root, *args):
+    """Run main() in-process and return its rows read back from summary.csv."""
+    assert summarize.main([str(root), *args]) == 0
+    out = root if "--out" not in args else args[args.index("--out") + 1]
+    with open(f"{out}/summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_seeds_of_one_config_form_one_row_with_mean_and_sample_std(tmp_path):
+    for seed, acc, ci in [(0, 90.0, 0.4), (1, 92.0, 0.5), (2, 97.0, 0.6)]:
+        ovr = ["experiment=x", f"seed={seed}", "logger=none", "device=cpu"]
+        cell(tmp_path, ovr, config(seed=seed), acc=acc, ci95=ci, wall=10.0 * (seed + 1))
+    cell(tmp_path, ["algorithm.lslr=true", "seed=0"], config(lslr=True), acc=50.0)
+    rows = summary(tmp_path)
+    assert len(rows) == 2
+    three = next(r for r in rows if r["seeds"] == "3")
+    # mean 93; deviations -3, -1, 4: sample variance 26 / 2 = 13
+    assert float(three["acc_mean"]) == pytest.approx(93.0)
+    assert float(three["acc_std"]) == pytest.approx(math.sqrt(13), abs=1e-4)
+    assert float(three["ci95_mean"]) == pytest.approx(0.5)
+    assert float(three["wall_time_s"]) == pytest.approx(20.0)
+    assert three["overrides"] == "experiment=x"  # seed and non-maths keys aside
+    one = next(r for r in rows if r["seeds"] == "1")
+    assert one["acc_std"] == "" and one["method"] == "MAML + lslr"
+
+
+@pytest.mark.parametrize(
+    "cfg, name",
+    [
+        (config("reptile", bn_eval="running"), "Reptile"),
+        (config("reptile", bn_eval="batch"), "Reptile + transduction"),
+        (config(), "MAML"),
+        (config(first_order=True), "FOMAML"),
+        (config(**dict.fromkeys(SWITCHES, True)), "MAML++"),
+        (config(lslr=True, msl=True), "MAML + lslr, msl"),
+        (config(first_order=True, lslr=True), "FOMAML + lslr"),
+        (config(**{**dict.fromkeys(SWITCHES, True), "da": False}), "MAML++ − da"),
+        (config(**{**dict.fromkeys(SWITCHES, True), "da": False, "ca": False}), "MAML++ − ca, da"),
+        (config(**dict.fromkeys(SWITCHES, True), first_order=True), "MAML++ + first-order"),
+        (config(msl=True, da=True, bnrs=True), "MAML + bnrs, da, msl"),  # a tie: plain base
+    ],
+)
+def test_method_name(cfg, name):
+    assert summarize.method_name(cfg) == name
+
+
+def test_task_name():
+    assert summarize.task_name(config(ways=20, shots=5)) == "Omniglot 20w5s"
+    assert summarize.task_name(config(dataset="miniimagenet", shots=5)) == "MiniImageNet 5w5s"
+
+
+def test_reproduced_row_shows_the_published_number_and_the_difference(tmp_path):
+    cell(tmp_path, ["seed=0"], config(), acc=97.5)
+    cell(tmp_path, ["seed=1"], config(seed=1), acc=98.1)
+    pp = config(ways=20, **dict.fromkeys(SWITCHES, True))
+    cell(tmp_path, ["algorithm=mamlpp", "dataset.ways=20"], pp, acc=97.0)
+    cell(tmp_path, ["algorithm.msl=true"], config(msl=True), acc=97.0)
+    rows = {r["method"]: r for r in summary(tmp_path)}
+    maml = rows["MAML"]
+    assert (maml["task"], maml["paper_acc"], maml["paper_ci95"]) == ("Omniglot 5w1s", "98.7", "0.4")
+    assert float(maml["delta"]) == pytest.approx(97.8 - 98.7)
+    mamlpp = rows["MAML++"]
+    assert (mamlpp["paper_acc"], mamlpp["paper_ci95"]) == ("97.65", "")  # published without CI
+    assert float(mamlpp["delta"]) == pytest.approx(-0.65)
+    assert rows["MAML + msl"]["paper_acc"] == rows["MAML + msl"]["delta"] == ""
+    table = (tmp_path / "summary.md").read_text()
+    assert "| 98.7 ± 0.4 | -0.90 |" in table and "| 97.65 | -0.65 |" in table
+
+
+def test_unfinished_and_failed_cells_are_rows_of_their_own(tmp_path):
+    cell(tmp_path, ["seed=0"], config(), acc=97.0)
+    cell(tmp_path, ["seed=1"], config(seed=1), iteration=250)
+    cell(tmp_path, ["seed=2"], config(seed=2))
+    cell(tmp_path, ["seed=3"], config(seed=3), error="dataset.queries=0: no queries\nmore\n")
+    rows = summary(tmp_path)
+    assert sorted(r["status"] for r in rows) == [
+        "failed: dataset.queries=0: no queries",
+        "finished",
+        "unfinished (iteration 250 of 1000)",
+        "unfinished (not started)",
+    ]
+    assert all(r["seeds"] == "1" for r in rows)
+    # results.json lost: the final checkpoint, which keeps the results too, still counts
+    done = cell(tmp_path, ["seed=4"], config(seed=4), iteration=1000)
+    test = {"acc": 99.0, "ci95": 0.2}
+    torch.save({"iteration": 1000, "results": {"test": test}}, done / "checkpoints" / "last.pt")
+    rows = summary(tmp_path)
+    assert next(r for r in rows if r["status"] == "finished")["seeds"] == "2"
+    unfinished = next(r for r in rows if r["status"].startswith("unfinished (it"))
+    assert unfinished["acc_mean"] == "" and unfinished["paper_acc"] == "98.7"
+
+
+def test_writes_markdown_and_csv_and_prints_the_table(tmp_path, capsys):
+    sweep, out = tmp_path / "sweep", tmp_path / "elsewhere"
+    cell(sweep / "a", ["seed=0", "algorithm.lslr=true"], config(lslr=True), acc=62.0)
+    cell(sweep / "b", ["seed=0", "algorithm.lslr=false"], config(), acc=61.0)
+    rows = summary(sweep, "--out", str(out))
+    assert not (sweep / "summary.md").exists()  # --out: the sweep itself is left alone
+    assert list(rows[0]) == summarize.CSV_COLUMNS and [r["method"] for r in rows] == [
+        "MAML",
+        "MAML + lslr",
+    ]
+    table = (out / "summary.md").read_text()
+    assert table in capsys.readouterr().out
+    header = next(line for line in table.splitlines() if line.startswith("| method"))
+    assert "std over seeds" in header and "mean per-run 95% CI" in header
+    assert "| MAML + lslr | Omniglot 5w1s | algorithm.lslr=true | 1 (0) | 62.00 |" in table
+    by_acc = summary(sweep, "--sort", "acc", "--out", str(out))
+    assert [r["method"] for r in by_acc] == ["MAML + lslr", "MAML"]
+
+
+def test_missing_or_empty_sweep_dir_is_a_one_line_error(tmp_path, capsys):
+    assert summarize.main([str(tmp_path)]) == 2  # empty
+    assert summarize.main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("summarize: error: ") for line in err)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stdout == ""
+
+
+def test_non_math_keys_match_the_checkpoint_fingerprint():
+    assert summarize.NON_MATH_KEYS == NON_MATH_KEYS
+
+
+@pytest.mark.slow
+def test_real_tiny_sweep(omniglot_data, tmp_path):
+    tiny = ["logger=none", "model.filters=8", "algorithm.meta_batch=2", "dataset.queries=2"]
+    tiny += ["train.iterations=4", "train.val_interval=2", "eval.val_tasks=4"]
+    tiny += ["eval.test_tasks=8", "seed=0,1", "algorithm.lslr=true,false"]
+    sweep = tmp_path / "sweep"
+    out = run_cli("-m", *tiny, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = summary(sweep)
+    assert [(r["method"], r["seeds"], r["status"]) for r in rows] == [
+        ("MAML", "2", "finished"),
+        ("MAML + lslr", "2", "finished"),
+    ]
+    assert rows[0]["paper_acc"] == "98.7" and rows[0]["delta"] != ""
+    assert all(0 <= float(r["acc_mean"]) <= 100 and r["iterations"] == "4" for r in rows)
+    assert "algorithm.lslr=False" in (sweep / "summary.md").read_text()

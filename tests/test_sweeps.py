@@ -1,0 +1,151 @@
+"""Multirun sweeps: cell directories, resume of a killed sweep, W&B naming, presets."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metatrain.logging import _start_wandb
+from tests.conftest import REPO, TINY, make_cfg, metatrain_cmd, run_cli
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def cell(sweep: Path, override: str) -> Path:
+    """The one cell directory of the sweep whose overrides include `override`."""
+    found = [p.parent for p in sweep.glob("*/.hydra") if override in p.parent.name.split(",")]
+    assert len(found) == 1, (override, [p.parent.name for p in sweep.glob("*/.hydra")])
+    return found[0]
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_unfinished_cells_and_skips_finished(omniglot_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        *TINY,
+        "train.iterations=150",
+        "train.checkpoint_interval=5",
+        "train.val_interval=50",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.Popen(
+        [*metatrain_cmd(), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    second = None
+    deadline = time.time() + 900  # generous: a loaded machine can be slow
+    while time.time() < deadline and proc.poll() is None:
+        if second is None and len(list(sweep.glob("*/.hydra"))) == 2:
+            second = cell(sweep, "seed=1") / "checkpoints" / "last.pt"
+        if second and second.exists() and torch.load(second, weights_only=False)["iteration"] >= 10:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert proc.wait() == -signal.SIGKILL, "the sweep ended before it could be killed"
+    first, second = cell(sweep, "seed=0"), cell(sweep, "seed=1")
+    first_results = (first / "results.json").read_bytes()
+    assert not (second / "results.json").exists()
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{first} is finished" in again.stderr
+    assert f"resuming {second} at iteration" in again.stderr
+    assert (first / "results.json").read_bytes() == first_results
+    results = json.loads((second / "results.json").read_text())
+    assert results["iterations"] == 150 and results["overrides"][-1] == "seed=1"
+
+
+def test_failed_cell_is_recorded_and_the_sweep_goes_on(omniglot_data, tmp_path):
+    out = run_cli(
+        "-m", *TINY, "train.iterations=2", "dataset.shots=1,0", f"hydra.sweep.dir={tmp_path}"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (cell(tmp_path, "dataset.shots=1") / "results.json").exists()
+    error = (cell(tmp_path, "dataset.shots=0") / "error.txt").read_text()
+    assert "at least 1 support example" in error
+
+
+def test_cell_directories_are_named_by_their_overrides():
+    cfg = make_cfg(
+        "algorithm.lslr=true",
+        "seed=2",
+        "logger=none",
+        "device=cpu",
+        "sweep_name=ablation",
+        "train.log_interval=5",
+    )
+    from hydra import compose, initialize_config_dir
+
+    from metatrain.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hcfg = compose("config", overrides=["sweep_name=abl"], return_hydra_config=True)
+    assert hcfg.hydra.sweep.dir == "outputs/multirun/abl"
+    excluded = set(hcfg.hydra.job.config.override_dirname.exclude_keys)
+    # keys that do not change the maths stay out of the name, so a cell resumes
+    # under another logger or device
+    assert {"logger", "device", "sweep_name", "train.log_interval"} <= excluded
+    assert cfg.algorithm.lslr is True
+
+
+def test_wandb_group_is_the_sweep_and_name_the_cell(tmp_path, monkeypatch):
+    seen = {}
+
+    class FakeWandb:
+        @staticmethod
+        def init(**kwargs):
+            seen.update(kwargs)
+            return "run"
+
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
+    cfg = make_cfg("logger=wandb", "sweep_name=grid", "algorithm.msl=true")
+    cell = tmp_path / "algorithm.msl=true,seed=1"
+    cell.mkdir()
+    assert _start_wandb(cfg, cell) == "run"
+    assert seen["group"] == "grid" and seen["name"] == "algorithm.msl=true,seed=1"
+    assert seen["mode"] == "offline" and seen["dir"] == str(cell)
+    assert seen["config"]["algorithm"]["msl"] is True
+    first_id = seen["id"]
+    _start_wandb(cfg, cell)  # a resumed cell continues the same W&B run
+    assert seen["id"] == first_id and seen["resume"] == "allow"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_presets_compose(name):
+    cfg = make_cfg(f"experiment={name}")
+    assert cfg.dataset.ways in (5, 20) and cfg.dataset.shots in (1, 5)
+    if name.startswith("mamlpp"):
+        a = cfg.algorithm
+        assert all([a.msl, a.da, a.bnrs, a.bnwb, a.lslr, a.ca]) and cfg.eval.ensemble_top_k == 3
+    if name.startswith("fomaml"):
+        assert cfg.algorithm.first_order
+
+
+@pytest.mark.slow
+def test_every_preset_runs_two_iterations(omniglot_data, tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "smoke.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    done = {
+        json.loads(p.read_text())["overrides"][0]
+        for p in (tmp_path / "presets").glob("*/results.json")
+    }
+    presets = {f"experiment={n}" for n in EXPERIMENTS if not n.startswith("ablation_")}
+    assert done == presets
+    for sweep in ("ablation_maml_plus_one", "ablation_mamlpp_minus_one"):
+        assert len(list((tmp_path / sweep).glob("*/results.json"))) == 7
