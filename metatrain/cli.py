@@ -16,7 +16,6 @@ from rich.syntax import Syntax
 from metatrain.config import register_schemas
 from metatrain.errors import MetatrainError
 from metatrain.files import is_writable_dir
-from metatrain.logging import console
 
 # conf/ sits beside the package (editable install); an absolute path keeps Hydra
 # from reading it as a Python module path when started from the console script.
@@ -55,7 +54,11 @@ class OutputDirCheck(Callback):
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def run(cfg) -> float | None:
-    from metatrain.train import run_dir_of, train  # torch loads after Hydra's --help
+    # Imported here, not at module level: torch loads only after Hydra's --help, and
+    # the submitit launcher pickles this function by value, which a module-level
+    # console (it holds a lock) would break.
+    from metatrain.logging import console
+    from metatrain.train import run_dir_of, train
 
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     console.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", background_color="default"))
