@@ -30,9 +30,9 @@ TINY = [
 def data_dir(scratch: Path) -> Path:
     """A METATRAIN_DATA folder with Omniglot and some MiniImageNet."""
     root = Path(os.environ.get("METATRAIN_DATA", Path.home() / ".cache" / "metatrain"))
-    if (root / "miniimagenet").is_dir() and any((root / "miniimagenet").iterdir()):
-        if any(p.name != "splits" for p in (root / "miniimagenet").iterdir()):
-            return root
+    mini = root / "miniimagenet"
+    if mini.is_dir() and any(p.name != "splits" for p in mini.iterdir()):  # split files alone
+        return root
     sys.path.insert(0, str(REPO))
     from tests.miniimagenet_fixtures import write_pickle_layout
 

@@ -256,9 +256,8 @@ def test_ensemble_prediction_is_the_average_of_the_members_logits():
 
 
 def test_state_dict_carries_rates_statistics_optimiser_and_schedule():
-    kw = dict(
-        msl=True, da=True, bnrs=True, bnwb=True, lslr=True, ca=True, da_epochs=2, iterations=20
-    )
+    switches = ("msl", "da", "bnrs", "bnwb", "lslr", "ca")
+    kw = {**dict.fromkeys(switches, True), "da_epochs": 2, "iterations": 20}
     a, b = build(**kw), build(seed=5, **kw)
     batches = [random_tasks(seed=s) for s in range(6)]
     for it in range(3):
