@@ -31,6 +31,10 @@ format: install ## apply ruff's formatting and safe fixes
 train: install ## meta-train with the defaults (MAML, Omniglot 5-way 1-shot); ARGS="..." adds overrides
 	$(VENV)/bin/metatrain $(ARGS)
 
+.PHONY: bench
+bench: install ## seconds/meta-iteration, FLOP/s, peak memory of the paper settings -> bench.json + table; ARGS="--settings all --backend both --threads 2"
+	$(PY) scripts/bench.py $(ARGS)
+
 SEEDS ?= 0,1,2
 METATRAIN := $(VENV)/bin/metatrain
 

@@ -159,6 +159,13 @@ class TrainConfig:
     keep_best: int = 5  # best validation checkpoints kept on disk
     backend: Backend = Backend.auto
     vmap_chunk: int = 0  # tasks per vmap call; 0 = the whole meta-batch
+    # Speed switches (metatrain/algorithms/inner.py); none changes the maths beyond
+    # rounding except amp_bf16.
+    channels_last: str = "auto"  # auto | true | false: NHWC activations in the loop backend
+    tf32: bool = True  # CUDA: TF32 matmuls and convolutions
+    amp_bf16: bool = False  # bf16 autocast of the task computation
+    compile: bool = False  # torch.compile the model for passes differentiated once
+    cuda_graphs: bool = False  # CUDA: compile in reduce-overhead mode (CUDA graphs)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 
 from metatrain import checkpoint
 from metatrain.algorithms import build_learner
+from metatrain.algorithms.inner import setup_device
 from metatrain.data.tasks import EpisodeSampler, FixedTasks
 from metatrain.datasets import load_splits
 from metatrain.errors import MetatrainError
@@ -35,6 +36,16 @@ def run_dir_of(cfg) -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # called outside Hydra (tests, notebooks)
         return Path(os.getcwd())
+
+
+def overrides_of() -> list[str]:
+    """The command-line overrides that made this run (a sweep cell's own values)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
 
 
 def build_model(cfg, device: torch.device) -> Conv4:
@@ -124,6 +135,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
             return resume["results"]
 
     device = resolve_device(cfg.device.value)
+    setup_device(device, cfg.train)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -215,6 +227,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
             "wall_time_s": wall,
             "sec_per_iter": wall / max(t.iterations - start, 1) if start < t.iterations else None,
             "device": str(device),
+            "overrides": overrides_of(),
             "config": fingerprint,
         }
         save_json(results, results_path)

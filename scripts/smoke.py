@@ -53,16 +53,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/multirun/smoke", help="sweep directory")
     parser.add_argument("--only", default="*", help="glob over experiment names")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="2 tasks per meta-batch and 1 query per class: same networks, a fraction of the time",
+    )
     opts = parser.parse_args()
+    tiny = TINY + (["algorithm.meta_batch=2", "dataset.queries=1"] if opts.fast else [])
     out = Path(opts.out).resolve()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         env = {**os.environ, "METATRAIN_DATA": str(data_dir(Path(scratch)))}
         presets = f"experiment=glob({opts.only},exclude=ablation_*)"
-        run(["-m", presets, *TINY, f"hydra.sweep.dir={out}/presets"], env)
+        run(["-m", presets, *tiny, f"hydra.sweep.dir={out}/presets"], env)
         for ablation in ("ablation_maml_plus_one", "ablation_mamlpp_minus_one"):
             if Path(opts.only).match(ablation) or opts.only == "*":
-                run([f"experiment={ablation}", *TINY, f"hydra.sweep.dir={out}/{ablation}"], env)
+                run([f"experiment={ablation}", *tiny, f"hydra.sweep.dir={out}/{ablation}"], env)
     cells = list(out.glob("*/*/results.json"))
     print(f"smoke: {len(cells)} cells finished in {time.perf_counter() - start:.0f} s -> {out}")
     return 0

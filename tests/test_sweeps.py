@@ -134,7 +134,7 @@ def test_experiment_presets_compose(name):
 @pytest.mark.slow
 def test_every_preset_runs_two_iterations(omniglot_data, tmp_path):
     out = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "smoke.py"), "--out", str(tmp_path)],
+        [sys.executable, str(REPO / "scripts" / "smoke.py"), "--fast", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=1800,

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metatrain.algorithms import MetaLearner
-from metatrain.algorithms.inner import GRADS, pick_backend
+from metatrain.algorithms.inner import GRADS, SpeedOptions, pick_backend
 from metatrain.data.tasks import TaskBatch
+from metatrain.models.conv4 import to_channels_last
 
 
 def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
@@ -63,6 +64,7 @@ class Maml(MetaLearner):
         self.cfg, self.model, self.train_cfg = cfg, model, train_cfg
         self.bn_running = bn_eval == "running"
         self.device = device
+        self.speed = SpeedOptions.from_config(train_cfg, device)
         params = model.params()
         # Per-step BN affine parameters are meta-learned only, never adapted (MAML++).
         self.adapted = [n for n in params if not (cfg.bnwb and n.startswith("bn"))]
@@ -71,12 +73,16 @@ class Maml(MetaLearner):
             dtype = next(iter(params.values())).dtype
             self.net["rates"] = InnerRates(self.adapted, cfg.train_steps, cfg.inner_lr, dtype)
         self.net.to(device)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.meta_lr)
+        # One fused kernel for the whole update on a GPU; the for-each kernels elsewhere.
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.meta_lr, fused=fused)
         self.scheduler = None
         if cfg.ca:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.optimizer, T_max=max(train_cfg.iterations, 1), eta_min=cfg.min_lr
             )
+        # The model compiled for passes that are differentiated at most once (see _model).
+        self._compiled = self.speed.compile_model(model)
 
     # -- schedules ----------------------------------------------------------
 
@@ -94,32 +100,54 @@ class Maml(MetaLearner):
             return msl_weights(steps, self.epoch(iteration), self.cfg.msl_epochs)
         return [0.0] * (steps - 1) + [1.0]
 
-    def backend(self, second_order: bool) -> str:
-        return pick_backend(self.train_cfg.backend.value, self.device, second_order)
+    def backend(self, second_order: bool, batch: TaskBatch | None = None) -> str:
+        """The execution backend for a task batch: train.backend, or with `auto` the
+        faster one for this device and this size of inner-loop batch."""
+        pixels = None if batch is None else batch.xs[0].numel() // batch.xs.shape[2]
+        return pick_backend(self.train_cfg.backend.value, self.device, second_order, pixels)
 
     # -- one task -----------------------------------------------------------
 
-    def _lr(self, name: str, step: int):
-        return self.net["rates"].get(name, step) if self.cfg.lslr else self.cfg.inner_lr
+    def _sgd(self, p, g, name: str, step: int):
+        """p - lr * g in one op: a fixed rate, or LSLR's learned one."""
+        if self.cfg.lslr:
+            return torch.addcmul(p, self.net["rates"].get(name, step), g, value=-1)
+        return torch.add(p, g, alpha=-self.cfg.inner_lr)
 
-    def _task(self, params, xs, ys, xq, yq, steps, weights, create_graph, grads_fn, running):
-        """Adapt on one task's support set; weighted query loss, final accuracy and the
-        support batches' normalisation statistics (steps, blocks, 2, C)."""
+    def _model(self, differentiated_twice: bool):
+        """The eager model, or the compiled one for a pass whose graph is
+        differentiated at most once (compiled graphs have no double backward)."""
+        if self._compiled is None or differentiated_twice:
+            return self.model
+        return self._compiled
+
+    def _task(self, params, xs, ys, xq, yq, steps, weights, create_graph, backend, running):
+        """Adapt on one task's support set; weighted query loss, final accuracy, final
+        query logits and the support batches' normalisation statistics
+        (steps, blocks, 2, C)."""
         fast = dict(params)
-        loss = 0.0
+        loss = xq.new_zeros(())
         stats = []
         logits = None
+        grads_fn = GRADS[backend]
+        # Compiled models only in the loop (torch.compile does not nest inside vmap),
+        # and CUDA graphs only in first-order runs, not beside double-backward graphs.
+        compiled = backend == "loop" and not (self.speed.cuda_graphs and create_graph)
+        support_model = self._model(create_graph or not compiled)
+        query_model = self._model(not compiled)  # the outer backward goes through it once
         for i in range(steps):
 
             def support_loss(adapted, i=i):
-                out, s = self.model({**fast, **adapted}, xs, step=i, running=running)
+                out, s = support_model({**fast, **adapted}, xs, step=i, running=running)
                 return F.cross_entropy(out, ys), s
 
             grads, s = grads_fn(support_loss, {n: fast[n] for n in self.adapted}, create_graph)
             stats.append(s)
-            fast.update({n: fast[n] - self._lr(n, i) * grads[n] for n in self.adapted})
+            fast.update({n: self._sgd(fast[n], grads[n], n, i) for n in self.adapted})
+            # The query pass runs where the loss uses it, and at the last step for the
+            # accuracy and logits; never twice for one step.
             if weights[i] != 0.0 or i == steps - 1:
-                logits, _ = self.model(fast, xq, step=i, running=running)
+                logits, _ = query_model(fast, xq, step=i, running=running)
                 if weights[i] != 0.0:
                     loss = loss + weights[i] * F.cross_entropy(logits, yq)
         acc = (logits.argmax(-1) == yq).float().mean()
@@ -135,32 +163,32 @@ class Maml(MetaLearner):
         (losses, accs, logits, stats), each stacked over tasks.
         """
         n = len(batch)
-        grads_fn = GRADS[backend]
         chunk = 1 if backend == "loop" else (self.train_cfg.vmap_chunk or n)
+        self.speed.step_begin()
+        xs, xq = batch.xs, batch.xq
+        if backend == "loop" and self.speed.channels_last:
+            # Once per batch, so that each task's slice is NHWC (vmap has no layouts).
+            xs, xq = to_channels_last(xs), to_channels_last(xq)
 
         def one(xs, ys, xq, yq):
-            return self._task(
-                params, xs, ys, xq, yq, steps, weights, create_graph, grads_fn, running
-            )
+            with self.speed.autocast():
+                return self._task(
+                    params, xs, ys, xq, yq, steps, weights, create_graph, backend, running
+                )
 
         parts = []
         for i in range(0, n, chunk):
-            args = (
-                batch.xs[i : i + chunk],
-                batch.ys[i : i + chunk],
-                batch.xq[i : i + chunk],
-                batch.yq[i : i + chunk],
-            )
+            args = (xs[i : i + chunk], batch.ys[i : i + chunk], xq[i : i + chunk])
+            args = (*args, batch.yq[i : i + chunk])
             if backend == "loop":
-                out = [
-                    x.unsqueeze(0) if torch.is_tensor(x) else torch.tensor([x])
-                    for x in one(*(a[0] for a in args))
-                ]
+                out = [x.unsqueeze(0) for x in one(*(a[0] for a in args))]
             else:
-                out = torch.func.vmap(one)(*args)
+                out = torch.func.vmap(one, randomness="error")(*args)
             if backward:
                 (out[0].sum() / n).backward()
             parts.append([x.detach() for x in out])
+        if len(parts) == 1:
+            return parts[0]
         return [torch.cat([p[k] for p in parts]) for k in range(4)]
 
     def meta_gradient(self, batch: TaskBatch, iteration: int, backend: str | None = None):
@@ -173,7 +201,7 @@ class Maml(MetaLearner):
             self.cfg.train_steps,
             self.step_weights(iteration),
             second,
-            backend or self.backend(second),
+            backend or self.backend(second, batch),
             False,
             backward=True,
         )
@@ -192,13 +220,14 @@ class Maml(MetaLearner):
         return {"loss": loss, "acc": acc}
 
     def predict(self, batch: TaskBatch) -> torch.Tensor:
-        backend = self.backend(second_order=False)
+        backend = self.backend(False, batch)
         steps = self.cfg.eval_steps
         params = {n: p.detach() for n, p in self.model.params().items()}
         out = self._tasks(
             batch, params, steps, [0.0] * steps, False, backend, self.bn_running, backward=False
         )
-        return out[2]
+        logits = out[2]
+        return logits.float() if logits.dtype == torch.bfloat16 else logits
 
     # -- checkpoints ----------------------------------------------------------
 

@@ -82,7 +82,7 @@ class EpisodeSampler:
         cls, ids = cls.to(self.images.device), ids.to(self.images.device)
         tasks, ways, n = ids.shape
         x = self.images[cls[..., None], ids]  # (tasks, ways, shots+queries, C, H, W) uint8
-        x = x.to(self.scale.dtype) * self.scale + self.shift
+        x = torch.addcmul(self.shift, x.to(self.scale.dtype), self.scale)  # one pass
         labels = torch.arange(ways, device=x.device)[None, :, None].expand(tasks, ways, n)
         s = self.shots
         img = x.shape[3:]
