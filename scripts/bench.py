@@ -333,6 +333,21 @@ def worker(job: dict) -> dict:
     }
 
 
+def wait_idle(max_wait: float, calm: float = 10.0, limit: float = 0.15) -> bool:
+    """Wait (up to max_wait s) until other processes have used < `limit` cores for
+    `calm` seconds in a row. Returns whether the machine went quiet."""
+    start, quiet = time.perf_counter(), 0.0
+    while time.perf_counter() - start < max_wait:
+        b0 = _busy_seconds()
+        if b0 is None:
+            return True
+        time.sleep(1.0)
+        quiet = quiet + 1.0 if (_busy_seconds() - b0) < limit else 0.0
+        if quiet >= calm:
+            return True
+    return False
+
+
 def run_worker(job: dict, timeout: float) -> dict:
     """Run one job in a fresh interpreter: its own allocator state and peak memory."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
@@ -467,6 +482,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench.json", help="JSON report path ('-' for stdout)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        help="before each worker, wait up to this many seconds for other processes to "
+        "leave the CPU idle (shared machines)",
+    )
+    p.add_argument(
+        "--retry-busy", type=int, default=0, help="rerun a worker flagged (busy) up to N times"
+    )
+    p.add_argument(
         "overrides",
         nargs="*",
         help="extra config overrides for every setting, e.g. train.amp_bf16=true",
@@ -499,6 +524,8 @@ def main(argv=None) -> int:
 
     machines = {}
     for dev in devices:
+        if args.wait_idle > 0 and dev == "cpu":
+            wait_idle(args.wait_idle)
         device = torch.device(dev)
         setup_device(device)
         machines[dev] = machine(device, threads)
@@ -516,7 +543,12 @@ def main(argv=None) -> int:
                     "flops": not args.no_flops,
                     "overrides": args.overrides,
                 }
-                r = add_derived(run_worker(job, args.timeout), machines)
+                for attempt in range(args.retry_busy + 1):
+                    if args.wait_idle > 0 and dev == "cpu":
+                        wait_idle(args.wait_idle)
+                    r = add_derived(run_worker(job, args.timeout), machines)
+                    if not r.get("contended"):
+                        break
                 results.append(r)
                 shown = r.get("error") or f"{r['s_per_iter']:.3f} s/iter ({r['backend_used']})"
                 print(f"{name} {dev} {backend}: {shown}", file=sys.stderr, flush=True)
