@@ -243,7 +243,7 @@ def worker(job: dict) -> dict:
     from metatrain.algorithms import build_learner
     from metatrain.algorithms.inner import setup_device
     from metatrain.data.tasks import EpisodeSampler
-    from metatrain.train import build_model
+    from metatrain.models import build_model
 
     torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])
@@ -268,11 +268,7 @@ def worker(job: dict) -> dict:
         return learner.meta_step(batch, iteration)
 
     probe = sampler.sample(meta_batch, generator)
-    picked = job["backend"]
-    if cfg.algorithm.name == "maml":
-        picked = learner.backend(learner.second_order(iteration), probe)
-    elif hasattr(learner, "backend"):
-        picked = learner.backend()
+    picked = learner.backend_for(probe, iteration)
 
     flops = None
     if job["flops"]:

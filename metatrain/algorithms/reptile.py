@@ -13,6 +13,8 @@ one at a time (loop) or together under torch.func.vmap.
 """
 
 import math
+from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,32 @@ from torch import nn
 
 from metatrain.algorithms import MetaLearner
 from metatrain.algorithms.inner import GRADS, adam_step, pick_backend
-from metatrain.data.tasks import TaskBatch
+from metatrain.config import AlgorithmConfig
+from metatrain.registry import LEARNERS
+from metatrain.task_batch import TaskBatch
+
+
+class InnerOptimizer(Enum):
+    adam = "adam"
+    sgd = "sgd"
+
+
+@dataclass
+class ReptileConfig(AlgorithmConfig):
+    name: str = "reptile"
+    meta_batch: int = 5
+    meta_lr: float = 0.0  # unused: Reptile steps with meta_step below
+    inner_optimizer: InnerOptimizer = InnerOptimizer.adam
+    inner_lr: float = 1e-3
+    inner_batch: int = 10
+    inner_iters: int = 5
+    train_shots: int = 10  # examples per class drawn for each meta-training task
+    meta_step: float = 1.0  # eps at the first iteration
+    meta_step_final: float = 0.0  # eps at the last iteration (linear in between)
+    eval_iters: int = 50
+    eval_batch: int = 5
+    serial: bool = False  # update phi after each task (Algorithm 1) instead of averaging
+
 
 INNER_BETAS = (0.0, 0.999)  # beta1 = 0 as published: no momentum across minibatches
 
@@ -34,7 +61,14 @@ def minibatch_ids(n: int, iters: int, batch: int, generator: torch.Generator, ta
     return ids[:, : iters * batch].reshape(tasks, iters, batch)
 
 
+@LEARNERS.register("reptile", ReptileConfig)
 class Reptile(MetaLearner):
+    positive_keys = ("inner_iters", "inner_batch", "train_shots")
+
+    @classmethod
+    def from_config(cls, cfg, model, device):
+        return cls(cfg.algorithm, model, cfg.train, cfg.model.bn_eval.value, device, cfg.seed)
+
     def __init__(self, cfg, model, train_cfg, bn_eval: str, device: torch.device, seed: int = 0):
         self.cfg, self.model, self.train_cfg = cfg, model, train_cfg
         self.bn_running = bn_eval == "running"
@@ -53,6 +87,9 @@ class Reptile(MetaLearner):
 
     def backend(self) -> str:
         return pick_backend(self.train_cfg.backend.value, self.device, second_order=False)
+
+    def backend_for(self, batch: TaskBatch, iteration: int) -> str:
+        return self.backend()
 
     def _inner(self, params, xs, ys, ids, lr, grads_fn):
         """Train one task from params on minibatches xs[ids[i]]; returns W and the
