@@ -123,6 +123,11 @@ def test_experiment_presets_compose(name):
     if name.startswith("mamlpp"):
         a = cfg.algorithm
         assert all([a.msl, a.da, a.bnrs, a.bnwb, a.lslr, a.ca]) and cfg.eval.ensemble_top_k == 3
+    if name.startswith(("mamlpp_omniglot", "ablation_")):
+        # the authors' augmentation and split: per-task class rotation, 1150 / 50 / 423
+        d = cfg.dataset
+        assert d.augment_rotation and not d.rotations
+        assert (d.train_classes, d.val_classes) == (1150, 50)
     if name.startswith("fomaml"):
         assert cfg.algorithm.first_order
 
