@@ -181,7 +181,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
         )
 
     t = cfg.train
-    logger = RunLogger(cfg, run_dir, start, t.iterations)
+    logger = RunLogger(cfg, run_dir, start, t.iterations, wall)
     try:
         sums, n_sum, t0 = None, 0, time.perf_counter()
         tick = t0
