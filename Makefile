@@ -32,8 +32,8 @@ train: install ## meta-train with the defaults (MAML, Omniglot 5-way 1-shot); AR
 	$(VENV)/bin/metatrain $(ARGS)
 
 .PHONY: bench
-bench: install ## seconds/meta-iteration, FLOP/s, peak memory of the paper settings -> bench.json + table; ARGS="--settings all --backend both --threads 2"
-	$(PY) scripts/bench.py $(ARGS)
+bench: install ## metatrain vs a naive loop (and the MAML++ authors' code: AUTHORS_DIR=checkout) in one run -> bench.json + table; ARGS="--threads 2 ..."
+	$(PY) scripts/bench.py $(if $(AUTHORS_DIR),--authors-dir $(AUTHORS_DIR)) $(ARGS)
 
 SEEDS ?= 0,1,2
 METATRAIN := $(VENV)/bin/metatrain
