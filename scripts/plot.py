@@ -97,7 +97,7 @@ def _series(runs: list[dict], key: str) -> tuple[list[int], list[float], list[fl
 
 
 def plot_curves(configs: list[dict], shared: str, path: Path):
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     panels = [
         ("val/acc", "validation accuracy (%)"),
         ("train/loss", "training loss (cross-entropy)"),
@@ -118,12 +118,18 @@ def plot_curves(configs: list[dict], shared: str, path: Path):
         ax.grid(alpha=0.3)
     axes[0].set_title("Validation accuracy (mean over seeds; band: min to max)")
     axes[1].set_title("Training loss (mean over each log interval)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    if not handles:
-        handles, labels = axes[1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3) or 1, fontsize=8)
+    entries = {}  # label -> handle, over both panels: a run may have no validation yet
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    labels, handles = sorted(entries), [entries[x] for x in sorted(entries)]
+    # As many legend columns as the longest label allows across the figure's width.
+    ncol = max(1, min(len(labels), 150 // max((len(x) for x in labels), default=1)))
+    rows = -(-len(labels) // ncol)
+    fig.set_figheight(4.2 + 0.2 * rows)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
     fig.suptitle(_title("Learning curves", shared), fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 3), 1, 1))
+    fig.tight_layout(rect=(0, (0.1 + 0.2 * rows) / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=100)
     return fig
 
