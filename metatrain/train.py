@@ -172,7 +172,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
         )
 
     t = cfg.train
-    logger = RunLogger(cfg, run_dir, start, t.iterations)
+    logger = RunLogger(cfg, run_dir, start, t.iterations, wall)
     try:
         sums, n_sum, t0 = None, 0, time.perf_counter()
         tick = t0
@@ -193,6 +193,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
                     step=done,
                 )
                 sums, n_sum, tick = None, 0, now
+            paused = time.perf_counter()  # validation and saving stay out of time/iter_s
             if done % t.val_interval == 0 or done == t.iterations:
                 val = evaluate(learner, val_tasks, cfg.eval.batch)
                 logger.log({"val/acc": val["acc"], "val/acc_ci95": val["ci95"]}, step=done)
@@ -201,6 +202,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
                 wall += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 save_last(done)
+            tick += time.perf_counter() - paused
         wall += time.perf_counter() - t0
 
         members = _test_members(cfg, best, ckpt_dir)
