@@ -7,7 +7,8 @@ A cell is any folder under SWEEP_DIR holding .hydra/config.yaml (one sweep, seve
 tree of runs). Finished cells (results.json) whose configs differ only in `seed` form one row:
 mean test accuracy, sample std across seeds, and the mean of the per-run 95% CIs. Unfinished
 and failed cells get a row each. The table goes to stdout and to summary.md, the same rows to
-summary.csv, both in SWEEP_DIR or in --out DIR.
+summary.csv, both in SWEEP_DIR or in --out DIR. Figures of the same runs (learning curves,
+test accuracy with CIs): scripts/plot.py SWEEP_DIR, or make plot SWEEP=SWEEP_DIR.
 """
 
 import argparse
@@ -19,13 +20,8 @@ from pathlib import Path
 
 import yaml
 
-# Mirrors metatrain.checkpoint.NON_MATH_KEYS (a test keeps them equal). Not imported: that
-# module loads torch, seconds of start-up that a summary of finished runs does not need.
-# Cells that differ only in these keys (or in seed) computed the same thing: one row.
-NON_MATH_KEYS = (
-    "logger", "device", "sweep_name", "dataset.root", "train.log_interval", "train.backend",
-    "train.vmap_chunk", "eval.batch",
-)  # fmt: skip
+from metatrain.keys import drop_non_math, is_non_math
+
 SWITCHES = ("bnrs", "bnwb", "ca", "da", "lslr", "msl")  # MAML++'s six fixes, in name order
 DATASETS = {"omniglot": "Omniglot", "miniimagenet": "MiniImageNet"}
 DATASET_WAYS = (("Omniglot", 5), ("Omniglot", 20), ("MiniImageNet", 5))
@@ -94,23 +90,18 @@ def paper_numbers(text: str | None) -> tuple[float | None, float | None]:
 
 
 def row_key(cfg: dict) -> str:
-    """The config minus seed and NON_MATH_KEYS, as text: equal keys share a row."""
+    """The config minus seed and the keys that do not change the maths, as text: cells
+    with equal keys computed the same thing (seed aside) and share a row."""
     cfg = json.loads(json.dumps(cfg, default=str))  # a deep copy to prune
-    for key in (*NON_MATH_KEYS, "seed"):
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node.get(p) if isinstance(node.get(p), dict) else {}
-        node.pop(leaf, None)
-    return json.dumps(cfg, sort_keys=True)
+    return json.dumps(drop_non_math(cfg, extra=("seed",)), sort_keys=True)
 
 
 def shown_overrides(overrides: list[str]) -> str:
     """A cell's command-line overrides that change what it computes, seed aside."""
-    aside = (*NON_MATH_KEYS, "seed")
-    key = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
     return " ".join(
-        o for o, k in zip(overrides, key) if not any(k == a or k.startswith(a + ".") for a in aside)
+        o
+        for o in overrides
+        if not is_non_math(k := o.split("=", 1)[0]) and k.lstrip("+~") != "seed"
     )
 
 
@@ -137,7 +128,7 @@ def outcome(cell: Path, total: int | None) -> dict:
     import torch  # only here: loading torch costs seconds
 
     try:
-        state = torch.load(last, map_location="cpu", weights_only=False)
+        state = torch.load(last, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - any unreadable checkpoint means the same here
         return {"status": "unfinished (checkpoint unreadable)"}
     if state.get("results"):  # finished, and the final checkpoint keeps the results too
@@ -276,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return fail(f"cannot write to {out} ({e.strerror}); choose another folder with --out DIR")
     print(f"wrote {out / 'summary.md'} and {out / 'summary.csv'}", file=sys.stderr)
+    print(f"figures: python scripts/plot.py {args.sweep_dir}", file=sys.stderr)
     return 0
 
 

