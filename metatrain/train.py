@@ -179,7 +179,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
     wall_before = wall  # this session's share of the wall time gives sec_per_iter
     interrupt.reached(start)
     with interrupt.deferred(start):  # from here a signal stops the loop between iterations
-        logger = RunLogger(cfg, run_dir, start, t.iterations)
+        logger = RunLogger(cfg, run_dir, start, t.iterations, wall)
     try:
         with interrupt.deferred(start):
             sums, n_sum, t0 = None, 0, time.perf_counter()
@@ -202,6 +202,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
                         logged |= {"train/loss": loss, "train/acc": acc}
                     logger.log(logged, step=done)
                     sums, n_sum, tick, ticked = None, 0, now, done
+                paused = time.perf_counter()  # validation and saving stay out of time/iter_s
                 if done % t.val_interval == 0 or done == t.iterations:
                     val = evaluate(learner, val_tasks, cfg.eval.batch)
                     logger.log({"val/acc": val["acc"], "val/acc_ci95": val["ci95"]}, step=done)
@@ -211,6 +212,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
                     wall += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     save_last(done)
+                tick += time.perf_counter() - paused
                 if interrupt.requested():
                     raise interrupt.Interrupted(interrupt.requested(), done)
             wall += time.perf_counter() - t0

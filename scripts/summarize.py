@@ -7,7 +7,8 @@ A cell is any folder under SWEEP_DIR holding .hydra/config.yaml (one sweep, seve
 tree of runs). Finished cells (results.json) whose configs differ only in `seed` form one row:
 mean test accuracy, sample std across seeds, and the mean of the per-run 95% CIs. Unfinished
 and failed cells get a row each. The table goes to stdout and to summary.md, the same rows to
-summary.csv, both in SWEEP_DIR or in --out DIR.
+summary.csv, both in SWEEP_DIR or in --out DIR. Figures of the same runs (learning curves,
+test accuracy with CIs): scripts/plot.py SWEEP_DIR, or make plot SWEEP=SWEEP_DIR.
 """
 
 import argparse
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return fail(f"cannot write to {out} ({e.strerror}); choose another folder with --out DIR")
     print(f"wrote {out / 'summary.md'} and {out / 'summary.csv'}", file=sys.stderr)
+    print(f"figures: python scripts/plot.py {args.sweep_dir}", file=sys.stderr)
     return 0
 
 
