@@ -31,6 +31,11 @@ class BNEval(Enum):
     running = "running"  # use running statistics (per inner step under bnrs)
 
 
+class NonFinite(Enum):
+    stop = "stop"  # end the run at the first non-finite meta-loss or meta-gradient
+    skip = "skip"  # undo that step and go on (train.nonfinite_patience in a row: stop)
+
+
 class TestFrom(Enum):
     best = "best"  # the best validation checkpoint(s)
     last = "last"  # the final parameters
@@ -94,6 +99,8 @@ class TrainConfig:
     amp_bf16: bool = False  # bf16 autocast of the task computation
     compile: bool = False  # torch.compile the model for passes differentiated once
     cuda_graphs: bool = False  # CUDA: compile in reduce-overhead mode (CUDA graphs)
+    nonfinite: NonFinite = NonFinite.stop  # what a NaN/inf meta-loss or meta-gradient does
+    nonfinite_patience: int = 10  # skips in a row after which `skip` stops too
 
 
 @dataclass
