@@ -89,7 +89,10 @@ class Reptile(MetaLearner):
 
     def backend(self) -> str:
         requested = self.train_cfg.backend.value
-        return pick_backend(requested, self.device, second_order=False, groups_ok=True)
+        if requested == "groups" and not self.model.task_groups:
+            requested = "auto"  # this backbone has no channel-group form
+        groups_ok = self.model.task_groups
+        return pick_backend(requested, self.device, second_order=False, groups_ok=groups_ok)
 
     def _update(self, p, g, m, v, step: int, lr: float):
         """One inner step of the configured optimiser; returns (p, m, v)."""

@@ -24,6 +24,9 @@ def step_row(t: torch.Tensor, step: int) -> torch.Tensor:
 
 
 class Backbone(nn.Module):
+    # Whether models/task_groups.py can run this backbone as channel groups.
+    task_groups = False
+
     def __init__(self):
         super().__init__()
         self._dotted: dict[str, str] = {}  # nn.Module name -> dotted name
@@ -62,6 +65,11 @@ class Backbone(nn.Module):
     def params(self) -> dict[str, nn.Parameter]:
         """The meta-learned parameters by dotted name, in a fixed order."""
         return {self._dotted[n]: p for n, p in self.named_parameters()}
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether a forward pass in the current mode draws random numbers."""
+        return False
 
     @property
     def head_names(self) -> tuple[str, ...]:
