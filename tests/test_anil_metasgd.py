@@ -132,3 +132,20 @@ def test_lslr_and_metasgd_together_are_refused():
 def test_presets_compose_and_switch_on(name):
     cfg = make_cfg(f"algorithm={name}", "logger=none")
     assert cfg.algorithm.name == "maml" and cfg.algorithm[name] is True
+
+
+@pytest.mark.parametrize(
+    ("preset", "method", "paper"),
+    [
+        ("anil_omniglot_20w1s", "ANIL", "96.2 ± 0.5"),
+        ("metasgd_miniimagenet_5w1s", "Meta-SGD", "50.47 ± 1.87"),
+    ],
+)
+def test_presets_are_named_as_their_method_beside_the_paper(preset, method, paper):
+    from omegaconf import OmegaConf
+
+    from tests.test_summarize import summarize
+
+    cfg = OmegaConf.to_container(make_cfg(f"experiment={preset}", "logger=none"), resolve=True)
+    assert summarize.method_name(cfg) == method
+    assert summarize.PUBLISHED[(method, summarize.task_name(cfg))] == paper
