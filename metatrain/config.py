@@ -23,7 +23,7 @@ class Backend(Enum):
     auto = "auto"  # the faster of the two for the device and derivative order
     loop = "loop"  # one task at a time
     vmap = "vmap"  # the task batch at once with torch.func.vmap
-    groups = "groups"  # the task batch as channel groups of one network (first order)
+    groups = "groups"  # the task batch as channel groups of one network
 
 
 class BNEval(Enum):
@@ -39,6 +39,11 @@ class Downsample(Enum):
 class InnerOptimizer(Enum):
     adam = "adam"
     sgd = "sgd"
+
+
+class NonFinite(Enum):
+    stop = "stop"  # end the run at the first non-finite meta-loss or meta-gradient
+    skip = "skip"  # undo that step and go on (train.nonfinite_patience in a row: stop)
 
 
 class TestFrom(Enum):
@@ -170,6 +175,8 @@ class TrainConfig:
     amp_bf16: bool = False  # bf16 autocast of the task computation
     compile: bool = False  # torch.compile the model for passes differentiated once
     cuda_graphs: bool = False  # CUDA: compile in reduce-overhead mode (CUDA graphs)
+    nonfinite: NonFinite = NonFinite.stop  # what a NaN/inf meta-loss or meta-gradient does
+    nonfinite_patience: int = 10  # skips in a row after which `skip` stops too
 
 
 @dataclass

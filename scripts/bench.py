@@ -312,7 +312,8 @@ def worker(job: dict) -> dict:
         if kind == "eval":
             step = lambda: learner.predict(sampler.sample(tasks, generator))
             if cfg.algorithm.name == "maml":
-                picked = "groups" if learner._eval_groups() else learner.backend(False, probe)
+                grouped = getattr(learner, "_eval_groups", lambda: False)()
+                picked = "groups" if grouped else learner.backend(False, probe)
             else:
                 picked = learner.backend()
         else:
@@ -373,6 +374,7 @@ def worker(job: dict) -> dict:
         else:
             peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             peak_mb, peak_how = peak_kb / 1024, "ru_maxrss (whole process)"
+    top_ops = profile_ops(step, sync, job["profile"]) if job.get("profile") else None
     median = statistics.median(times)
     tasks = info.get("authors_tasks", tasks)
     return {
@@ -391,7 +393,29 @@ def worker(job: dict) -> dict:
         "peak_mem_mb": peak_mb,
         "peak_mem_how": peak_how,
         "other_cores_busy": others,
+        "top_ops": top_ops,
     }
+
+
+def profile_ops(step, sync, top: int) -> list[dict]:
+    """One more unit under torch.profiler: the `top` operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        sync()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [
+        {
+            "op": e.key,
+            "self_ms": e.self_cpu_time_total / 1e3,
+            "share": e.self_cpu_time_total / total,
+            "calls": e.count,
+        }
+        for e in ranked
+    ]
 
 
 def wait_idle(max_wait: float, calm: float = 10.0, limit: float = 0.15) -> bool:
@@ -566,6 +590,19 @@ def print_table(report: dict) -> None:
     )
 
 
+def print_profiles(report: dict) -> None:
+    for r in report["results"]:
+        if not r.get("top_ops"):
+            continue
+        print(
+            f"\n{r['setting']} {r.get('impl', 'ours')} ({r['backend_used']}): top ops by self time"
+        )
+        for o in r["top_ops"]:
+            print(
+                f"  {o['op']:<40} {o['self_ms']:10.1f} ms {100 * o['share']:5.1f}% {o['calls']:7d} calls"
+            )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", default=",".join(MAIN), help="comma list, or 'all'")
@@ -585,6 +622,13 @@ def main(argv=None) -> int:
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile one more unit of each row with torch.profiler; print its top N ops",
+    )
     p.add_argument("--out", default="bench.json", help="JSON report path ('-' for stdout)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     p.add_argument(
@@ -659,6 +703,7 @@ def main(argv=None) -> int:
                     "flops": not args.no_flops,
                     "overrides": args.overrides,
                     "authors_dir": args.authors_dir,
+                    "profile": args.profile,
                 }
                 for attempt in range(args.retry_busy + 1):
                     if args.wait_idle > 0 and dev == "cpu":
@@ -683,6 +728,8 @@ def main(argv=None) -> int:
     else:
         Path(args.out).write_text(text + "\n")
     print_table(report)
+    if args.profile:
+        print_profiles(report)
     return 0
 
 
