@@ -10,15 +10,16 @@ import numpy as np
 import torch
 
 from metatrain import checkpoint, interrupt, rng
-from metatrain.algorithms import build_learner
+from metatrain.algorithms import build_learner, learner_class
 from metatrain.algorithms.inner import setup_device
 from metatrain.data.tasks import EpisodeSampler, FixedTasks
 from metatrain.datasets import load_splits
 from metatrain.errors import MetatrainError
 from metatrain.evaluate import evaluate
 from metatrain.files import is_writable_dir, save_json
+from metatrain.inert import inert_settings
 from metatrain.logging import RunLogger, console
-from metatrain.models.conv4 import Conv4
+from metatrain.models import build_model
 from metatrain.nonfinite import NonFiniteGuard
 
 
@@ -49,21 +50,6 @@ def overrides_of() -> list[str]:
         return []
 
 
-def build_model(cfg, device: torch.device) -> Conv4:
-    a = cfg.algorithm
-    per_step = a.name == "maml"
-    return Conv4(
-        in_channels=cfg.dataset.channels,
-        ways=cfg.dataset.ways,
-        image_size=cfg.dataset.image_size,
-        filters=cfg.model.filters,
-        downsample=cfg.model.downsample.value,
-        bn_weight_steps=a.train_steps if per_step and a.bnwb else 0,
-        bn_stat_steps=a.train_steps if per_step and a.bnrs else 1,
-        bn_momentum=cfg.model.bn_momentum,
-    ).to(device)
-
-
 def _check_settings(cfg) -> None:
     t, a = cfg.train, cfg.algorithm
     positive = {
@@ -74,18 +60,7 @@ def _check_settings(cfg) -> None:
         "eval.val_tasks": cfg.eval.val_tasks,
         "eval.batch": cfg.eval.batch,
     }
-    if a.name == "maml":
-        positive.update(
-            {"algorithm.train_steps": a.train_steps, "algorithm.eval_steps": a.eval_steps}
-        )
-    else:
-        positive.update(
-            {
-                "algorithm.inner_iters": a.inner_iters,
-                "algorithm.inner_batch": a.inner_batch,
-                "algorithm.train_shots": a.train_shots,
-            }
-        )
+    positive.update({f"algorithm.{k}": a[k] for k in learner_class(a.name).positive_keys})
     for key, value in positive.items():
         if value < 1:
             raise MetatrainError(f"{key}={value} must be at least 1")
@@ -104,6 +79,8 @@ def train(cfg, run_dir: Path | None = None) -> dict:
     results_path = run_dir / "results.json"
     fingerprint = checkpoint.config_fingerprint(cfg)
     _check_settings(cfg)
+    for line in inert_settings(cfg):
+        console.print(f"[yellow]warning: {line}", highlight=False)
 
     # A finished run is known by its results.json alone, so a damaged last.pt cannot
     # make it look unfinished.

@@ -67,11 +67,15 @@ def method_name(cfg: dict) -> str:
         return "Reptile" if running else "Reptile + transduction"
     if algo.get("name") != "maml":
         return str(algo.get("name"))
-    on = [s for s in SWITCHES if algo.get(s)]
-    off = [s for s in SWITCHES if not algo.get(s)]
+    # bnrs acts only where evaluation reads running statistics: under transductive
+    # evaluation (the published protocol) MAML++ is complete without it.
+    running = (cfg.get("model") or {}).get("bn_eval") == "running"
+    switches = [s for s in SWITCHES if running or s != "bnrs"]
+    on = [s for s in switches if algo.get(s)]
+    off = [s for s in switches if not algo.get(s)]
     first_order = bool(algo.get("first_order"))
     base = "FOMAML" if first_order else "MAML"
-    # MAML++ is MAML with all six switches on: name a partial set from the closer base.
+    # MAML++ is MAML with all its switches on: name a partial set from the closer base.
     if len(off) + first_order < len(on):
         return " ".join(
             ["MAML++"] + (["− " + ", ".join(off)] if off else []) + ["+ first-order"] * first_order
