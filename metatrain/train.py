@@ -17,6 +17,7 @@ from metatrain.datasets import load_splits
 from metatrain.errors import MetatrainError
 from metatrain.evaluate import evaluate
 from metatrain.files import is_writable_dir, save_json
+from metatrain.inert import inert_settings
 from metatrain.logging import RunLogger, console
 from metatrain.models import build_model
 from metatrain.nonfinite import NonFiniteGuard
@@ -78,6 +79,8 @@ def train(cfg, run_dir: Path | None = None) -> dict:
     results_path = run_dir / "results.json"
     fingerprint = checkpoint.config_fingerprint(cfg)
     _check_settings(cfg)
+    for line in inert_settings(cfg):
+        console.print(f"[yellow]warning: {line}", highlight=False)
 
     # A finished run is known by its results.json alone, so a damaged last.pt cannot
     # make it look unfinished.

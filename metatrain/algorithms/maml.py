@@ -102,6 +102,9 @@ class Maml(MetaLearner):
 
     def __init__(self, cfg, model, train_cfg, bn_eval: str, device: torch.device):
         self.cfg, self.model, self.train_cfg = cfg, model, train_cfg
+        # Evaluation normalises with running statistics only under model.bn_eval=running;
+        # those are per inner step under BNRS (see README: running-statistic evaluation
+        # of a network meta-trained with batch statistics, and why it is not the default).
         self.bn_running = bn_eval == "running"
         self.device = device
         self.speed = SpeedOptions.from_config(train_cfg, device)
