@@ -8,7 +8,7 @@ tree of runs). Finished cells (results.json) whose configs differ only in `seed`
 mean test accuracy, sample std across seeds, and the mean of the per-run 95% CIs. Unfinished
 and failed cells get a row each. The table goes to stdout and to summary.md, the same rows to
 summary.csv, both in SWEEP_DIR or in --out DIR. Figures of the same runs (learning curves,
-test accuracy with CIs): scripts/plot.py SWEEP_DIR, or make plot SWEEP=SWEEP_DIR.
+test accuracy with CIs): metatrain-plot SWEEP_DIR, or make plot SWEEP=SWEEP_DIR.
 """
 
 import argparse
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return fail(f"cannot write to {out} ({e.strerror}); choose another folder with --out DIR")
     print(f"wrote {out / 'summary.md'} and {out / 'summary.csv'}", file=sys.stderr)
-    print(f"figures: python scripts/plot.py {args.sweep_dir}", file=sys.stderr)
+    print(f"figures: metatrain-plot {args.sweep_dir}", file=sys.stderr)
     return 0
 
 
