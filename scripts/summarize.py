@@ -8,7 +8,7 @@ tree of runs). Finished cells (results.json) whose configs differ only in `seed`
 mean test accuracy, sample std across seeds, and the mean of the per-run 95% CIs. Unfinished
 and failed cells get a row each. The table goes to stdout and to summary.md, the same rows to
 summary.csv, both in SWEEP_DIR or in --out DIR. Figures of the same runs (learning curves,
-test accuracy with CIs): scripts/plot.py SWEEP_DIR, or make plot SWEEP=SWEEP_DIR.
+test accuracy with CIs): metatrain-plot SWEEP_DIR, or make plot SWEEP=SWEEP_DIR.
 """
 
 import argparse
@@ -67,11 +67,15 @@ def method_name(cfg: dict) -> str:
         return "Reptile" if running else "Reptile + transduction"
     if algo.get("name") != "maml":
         return str(algo.get("name"))
-    on = [s for s in SWITCHES if algo.get(s)]
-    off = [s for s in SWITCHES if not algo.get(s)]
+    # bnrs acts only where evaluation reads running statistics: under transductive
+    # evaluation (the published protocol) MAML++ is complete without it.
+    running = (cfg.get("model") or {}).get("bn_eval") == "running"
+    switches = [s for s in SWITCHES if running or s != "bnrs"]
+    on = [s for s in switches if algo.get(s)]
+    off = [s for s in switches if not algo.get(s)]
     first_order = bool(algo.get("first_order"))
     base = "FOMAML" if first_order else "MAML"
-    # MAML++ is MAML with all six switches on: name a partial set from the closer base.
+    # MAML++ is MAML with all its switches on: name a partial set from the closer base.
     if len(off) + first_order < len(on):
         return " ".join(
             ["MAML++"] + (["− " + ", ".join(off)] if off else []) + ["+ first-order"] * first_order
@@ -267,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return fail(f"cannot write to {out} ({e.strerror}); choose another folder with --out DIR")
     print(f"wrote {out / 'summary.md'} and {out / 'summary.csv'}", file=sys.stderr)
-    print(f"figures: python scripts/plot.py {args.sweep_dir}", file=sys.stderr)
+    print(f"figures: metatrain-plot {args.sweep_dir}", file=sys.stderr)
     return 0
 
 

@@ -97,7 +97,14 @@ def test_seeds_of_one_config_form_one_row_with_mean_and_sample_std(tmp_path):
         (config(**{**dict.fromkeys(SWITCHES, True), "da": False}), "MAML++ − da"),
         (config(**{**dict.fromkeys(SWITCHES, True), "da": False, "ca": False}), "MAML++ − ca, da"),
         (config(**dict.fromkeys(SWITCHES, True), first_order=True), "MAML++ + first-order"),
-        (config(msl=True, da=True, bnrs=True), "MAML + bnrs, da, msl"),  # a tie: plain base
+        (config(msl=True, da=True, bnrs=True, bn_eval="running"), "MAML + bnrs, da, msl"),  # tie
+        # bnrs counts only where evaluation reads running statistics
+        (config(**{**dict.fromkeys(SWITCHES, True), "bnrs": False}), "MAML++"),
+        (
+            config(**{**dict.fromkeys(SWITCHES, True), "bnrs": False}, bn_eval="running"),
+            "MAML++ − bnrs",
+        ),
+        (config(msl=True, bnrs=True, bn_eval="running"), "MAML + bnrs, msl"),
     ],
 )
 def test_method_name(cfg, name):
