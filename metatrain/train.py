@@ -17,7 +17,9 @@ from metatrain.datasets import load_splits
 from metatrain.errors import MetatrainError
 from metatrain.evaluate import evaluate
 from metatrain.files import is_writable_dir, save_json
+from metatrain.naming import algorithm_label
 from metatrain.logging import RunLogger, console
+from metatrain.meta_test import describe, load_members, summary_metrics, test_block
 from metatrain.models.conv4 import Conv4
 
 
@@ -198,7 +200,8 @@ def train(cfg, run_dir: Path | None = None) -> dict:
                 now = time.perf_counter()
                 loss, acc = (sums / n_sum).tolist()
                 logger.log(
-                    {"train/loss": loss, "train/acc": acc, "time/iter_s": (now - tick) / n_sum},
+                    # Accuracy in percent, as val/acc and test/acc.
+                    {"train/loss": loss, "train/acc": 100 * acc, "time/iter_s": (now - tick) / n_sum},
                     step=done,
                 )
                 sums, n_sum, tick = None, 0, now
@@ -212,16 +215,20 @@ def train(cfg, run_dir: Path | None = None) -> dict:
                 save_last(done)
         wall += time.perf_counter() - t0
 
-        members = _test_members(cfg, best, ckpt_dir)
-        test = evaluate(learner, test_tasks, cfg.eval.batch, members)
+        members = load_members(best, cfg.eval.ensemble_top_k, ckpt_dir)
+        test = test_block(
+            learner, test_tasks, cfg.eval.batch, best, members,
+            cfg.eval.test_from.value, cfg.model.bn_eval.value,
+        )  # fmt: skip
         logger.log({"test/acc": test["acc"], "test/acc_ci95": test["ci95"]}, step=t.iterations)
         results = {
             "status": "finished",
-            "algorithm": cfg.algorithm.name,
+            "algorithm": algorithm_label(cfg),
+            "learner": cfg.algorithm.name,
             "dataset": ds.name,
             "ways": ds.ways,
             "shots": ds.shots,
-            "test": {**test, "members": [b[1] for b in best[: len(members or [])]] or ["last"]},
+            "test": test,
             "best_val": {"acc": best[0][0], "iteration": best[0][1]} if best else None,
             "iterations": t.iterations,
             "wall_time_s": wall,
@@ -232,14 +239,11 @@ def train(cfg, run_dir: Path | None = None) -> dict:
         }
         save_json(results, results_path)
         save_last(t.iterations, results)
-        logger.finish({"test/acc": test["acc"], "test/acc_ci95": test["ci95"]})
+        logger.finish({**summary_metrics(test), "algorithm": results["algorithm"]})
     except BaseException:
         logger.finish()
         raise
-    console.print(
-        f"[bold green]test accuracy {test['acc']:.2f} ± {test['ci95']:.2f}% "
-        f"over {test['tasks']} tasks -> {results_path}"
-    )
+    console.print(f"[bold green]{describe(test)}\n-> {results_path}")
     return results
 
 
@@ -254,12 +258,3 @@ def _keep_best(best, acc, iteration, learner, ckpt_dir, keep):
     for b in dropped:
         (ckpt_dir / b[2]).unlink(missing_ok=True)
     return kept
-
-
-def _test_members(cfg, best, ckpt_dir) -> list[dict] | None:
-    """Network states to test: the top-k validation checkpoints, or None for the
-    final parameters."""
-    if cfg.eval.test_from.value == "last" or not best:
-        return None
-    k = max(cfg.eval.ensemble_top_k, 1)
-    return [checkpoint.load(ckpt_dir / b[2]) for b in best[:k]]
