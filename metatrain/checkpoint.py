@@ -7,31 +7,14 @@ from omegaconf import OmegaConf
 
 from metatrain.errors import MetatrainError
 from metatrain.files import save_torch
-
-# Keys that do not change what a run computes: a run may resume under other values.
-NON_MATH_KEYS = (
-    "logger",
-    "device",
-    "sweep_name",
-    "dataset.root",
-    "train.log_interval",
-    "train.backend",
-    "train.vmap_chunk",
-    "eval.batch",
-)
+from metatrain.keys import drop_non_math
 
 
 def config_fingerprint(cfg) -> dict:
-    """The composed config as plain data, minus NON_MATH_KEYS."""
+    """The composed config as plain data, minus the keys that do not change the maths."""
     data = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     data.pop("hydra", None)
-    for key in NON_MATH_KEYS:
-        *parents, leaf = key.split(".")
-        node = data
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
-    return data
+    return drop_non_math(data)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -45,7 +28,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def check_same_config(saved: dict, current: dict, where: Path) -> None:
-    a, b = _flatten(saved), _flatten(current)
+    # Pruned again: a checkpoint written before a key joined the list still resumes.
+    a, b = _flatten(drop_non_math(dict(saved))), _flatten(current)
     diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:3])

@@ -16,6 +16,7 @@ from rich.syntax import Syntax
 from metatrain.config import register_schemas
 from metatrain.errors import MetatrainError
 from metatrain.files import is_writable_dir
+from metatrain.keys import exclude_keys
 
 # conf/ sits beside the package (editable install); an absolute path keeps Hydra
 # from reading it as a Python module path when started from the console script.
@@ -25,6 +26,10 @@ register_schemas()
 # A run directory named after the run's overrides; "default" when there are none.
 OmegaConf.register_new_resolver(
     "mt_dirname", lambda s: str(s).replace("/", "_") or "default", replace=True
+)
+# Hydra's override_dirname.exclude_keys, generated from metatrain/keys.py.
+OmegaConf.register_new_resolver(
+    "mt_non_math_keys", lambda *, _root_: exclude_keys(_root_), replace=True
 )
 
 

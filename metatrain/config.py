@@ -23,6 +23,7 @@ class Backend(Enum):
     auto = "auto"  # the faster of the two for the device and derivative order
     loop = "loop"  # one task at a time
     vmap = "vmap"  # the task batch at once with torch.func.vmap
+    groups = "groups"  # the task batch as channel groups of one network (first order)
 
 
 class BNEval(Enum):
@@ -113,6 +114,9 @@ class OmniglotConfig(DatasetConfig):
     std: list[float] = field(default_factory=lambda: [1.0])
     download: bool = True
     rotations: bool = True  # 90/180/270 degree rotations as new meta-training classes
+    # MAML++: each class of a meta-training task turned by a random multiple of 90
+    # degrees, drawn per task (not new classes; validation and test never rotated)
+    augment_rotation: bool = False
     split_seed: int = 0
     train_classes: int = 1100
     val_classes: int = 100  # the remaining 423 characters are the test classes

@@ -150,7 +150,14 @@ def train(cfg, run_dir: Path | None = None) -> dict:
     images = {k: v.to(device) for k, v in splits.images.items()}
     samplers = {
         "train": EpisodeSampler(
-            images["train"], ds.ways, train_shots, train_queries, ds.mean, ds.std, "train"
+            images["train"],
+            ds.ways,
+            train_shots,
+            train_queries,
+            ds.mean,
+            ds.std,
+            "train",
+            rotate=getattr(ds, "augment_rotation", False),
         ),
         "val": EpisodeSampler(images["val"], ds.ways, ds.shots, ds.queries, ds.mean, ds.std, "val"),
         "test": EpisodeSampler(

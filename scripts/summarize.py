@@ -19,13 +19,8 @@ from pathlib import Path
 
 import yaml
 
-# Mirrors metatrain.checkpoint.NON_MATH_KEYS (a test keeps them equal). Not imported: that
-# module loads torch, seconds of start-up that a summary of finished runs does not need.
-# Cells that differ only in these keys (or in seed) computed the same thing: one row.
-NON_MATH_KEYS = (
-    "logger", "device", "sweep_name", "dataset.root", "train.log_interval", "train.backend",
-    "train.vmap_chunk", "eval.batch",
-)  # fmt: skip
+from metatrain.keys import drop_non_math, is_non_math
+
 SWITCHES = ("bnrs", "bnwb", "ca", "da", "lslr", "msl")  # MAML++'s six fixes, in name order
 DATASETS = {"omniglot": "Omniglot", "miniimagenet": "MiniImageNet"}
 DATASET_WAYS = (("Omniglot", 5), ("Omniglot", 20), ("MiniImageNet", 5))
@@ -94,23 +89,18 @@ def paper_numbers(text: str | None) -> tuple[float | None, float | None]:
 
 
 def row_key(cfg: dict) -> str:
-    """The config minus seed and NON_MATH_KEYS, as text: equal keys share a row."""
+    """The config minus seed and the keys that do not change the maths, as text: cells
+    with equal keys computed the same thing (seed aside) and share a row."""
     cfg = json.loads(json.dumps(cfg, default=str))  # a deep copy to prune
-    for key in (*NON_MATH_KEYS, "seed"):
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node.get(p) if isinstance(node.get(p), dict) else {}
-        node.pop(leaf, None)
-    return json.dumps(cfg, sort_keys=True)
+    return json.dumps(drop_non_math(cfg, extra=("seed",)), sort_keys=True)
 
 
 def shown_overrides(overrides: list[str]) -> str:
     """A cell's command-line overrides that change what it computes, seed aside."""
-    aside = (*NON_MATH_KEYS, "seed")
-    key = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
     return " ".join(
-        o for o, k in zip(overrides, key) if not any(k == a or k.startswith(a + ".") for a in aside)
+        o
+        for o in overrides
+        if not is_non_math(k := o.split("=", 1)[0]) and k.lstrip("+~") != "seed"
     )
 
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 
-from metatrain.checkpoint import NON_MATH_KEYS
 from tests.conftest import REPO, run_cli
 
 SCRIPT = REPO / "scripts" / "summarize.py"
@@ -182,10 +181,6 @@ def test_missing_or_empty_sweep_dir_is_a_one_line_error(tmp_path, capsys):
         check=False,
     )
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stdout == ""
-
-
-def test_non_math_keys_match_the_checkpoint_fingerprint():
-    assert summarize.NON_MATH_KEYS == NON_MATH_KEYS
 
 
 @pytest.mark.slow

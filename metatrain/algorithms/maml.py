@@ -23,6 +23,7 @@ from torch import nn
 from metatrain.algorithms import MetaLearner
 from metatrain.algorithms.inner import GRADS, SpeedOptions, pick_backend
 from metatrain.data.tasks import TaskBatch
+from metatrain.models import task_groups
 from metatrain.models.conv4 import to_channels_last
 
 
@@ -220,14 +221,38 @@ class Maml(MetaLearner):
         return {"loss": loss, "acc": acc}
 
     def predict(self, batch: TaskBatch) -> torch.Tensor:
-        backend = self.backend(False, batch)
         steps = self.cfg.eval_steps
+        if self._eval_groups():
+            return self._predict_groups(batch, steps)
+        backend = self.backend(False, batch)
         params = {n: p.detach() for n, p in self.model.params().items()}
         out = self._tasks(
             batch, params, steps, [0.0] * steps, False, backend, self.bn_running, backward=False
         )
         logits = out[2]
         return logits.float() if logits.dtype == torch.bfloat16 else logits
+
+    def _eval_groups(self) -> bool:
+        """Whether evaluation runs the task batch as channel groups (task_groups.py):
+        its steps are first order; bf16 autocast and compiled models keep the
+        per-task paths they were written for."""
+        if self.speed.amp_bf16 or self._compiled is not None:
+            return False
+        requested = self.train_cfg.backend.value
+        return pick_backend(requested, self.device, False, groups_ok=True) == "groups"
+
+    @torch.no_grad()
+    def _predict_groups(self, batch: TaskBatch, steps: int) -> torch.Tensor:
+        """predict() for the whole batch at once: the same SGD steps on stacked
+        per-task parameters (tasks, *shape); query logits after the last step."""
+        running = self.bn_running
+        fast = task_groups.stack(self.model.params(), len(batch))
+        for i in range(steps):
+            grads, _ = task_groups.grads(
+                self.model, fast, self.adapted, batch.xs, batch.ys, step=i, running=running
+            )
+            fast.update({n: self._sgd(fast[n], grads[n], n, i) for n in self.adapted})
+        return task_groups.forward(self.model, fast, batch.xq, step=steps - 1, running=running)[0]
 
     # -- checkpoints ----------------------------------------------------------
 

@@ -9,7 +9,8 @@ meta_step_final over the run. There is no support/query split in
 meta-training: each task draws train_shots examples per class.
 
 The inner Adam is written functionally and restarts for every task. Tasks run
-one at a time (loop) or together under torch.func.vmap.
+one at a time (loop), together under torch.func.vmap, or together as channel
+groups of one network (groups, models/task_groups.py).
 """
 
 import math
@@ -21,6 +22,7 @@ from torch import nn
 from metatrain.algorithms import MetaLearner
 from metatrain.algorithms.inner import GRADS, adam_step, pick_backend
 from metatrain.data.tasks import TaskBatch
+from metatrain.models import task_groups
 
 INNER_BETAS = (0.0, 0.999)  # beta1 = 0 as published: no momentum across minibatches
 
@@ -52,7 +54,14 @@ class Reptile(MetaLearner):
         return (1 - frac) * self.cfg.meta_step + frac * self.cfg.meta_step_final
 
     def backend(self) -> str:
-        return pick_backend(self.train_cfg.backend.value, self.device, second_order=False)
+        requested = self.train_cfg.backend.value
+        return pick_backend(requested, self.device, second_order=False, groups_ok=True)
+
+    def _update(self, p, g, m, v, step: int, lr: float):
+        """One inner step of the configured optimiser; returns (p, m, v)."""
+        if self.cfg.inner_optimizer.value == "adam":
+            return adam_step(p, g, m, v, step, lr, INNER_BETAS)
+        return p - lr * g, m, v
 
     def _inner(self, params, xs, ys, ids, lr, grads_fn):
         """Train one task from params on minibatches xs[ids[i]]; returns W and the
@@ -71,20 +80,37 @@ class Reptile(MetaLearner):
             grads, s = grads_fn(loss_fn, fast, False)
             stats.append(s)
             for n, g in grads.items():
-                if self.cfg.inner_optimizer.value == "adam":
-                    fast[n], m[n], v[n] = adam_step(fast[n], g, m[n], v[n], i + 1, lr, INNER_BETAS)
-                else:
-                    fast[n] = fast[n] - lr * g
+                fast[n], m[n], v[n] = self._update(fast[n], g, m[n], v[n], i + 1, lr)
         return fast, torch.stack(stats)
+
+    def _inner_groups(self, params, xs, ys, ids, lr):
+        """_inner for every task at once, tasks as channel groups: W stacked
+        (tasks, *shape) and statistics (tasks, iters, blocks, 2, C)."""
+        tasks = ids.shape[0]
+        fast = task_groups.stack(params, tasks)
+        m = {n: torch.zeros_like(p) for n, p in fast.items()}
+        v = {n: torch.zeros_like(p) for n, p in fast.items()}
+        rows = torch.arange(tasks, device=ids.device)[:, None]
+        stats = []
+        for i in range(ids.shape[1]):
+            # (tasks, batch, C, H, W) and (tasks, batch): each task's minibatch i
+            x, y = xs[rows, ids[:, i]], ys[rows, ids[:, i]]
+            grads, s = task_groups.grads(self.model, fast, list(fast), x, y)
+            stats.append(s)
+            for n, g in grads.items():
+                fast[n], m[n], v[n] = self._update(fast[n], g, m[n], v[n], i + 1, lr)
+        return fast, torch.stack(stats, 1)
 
     def _train_tasks(self, params, xs, ys, iters, batch, generator):
         """W for every task: dict of (tasks, *shape) tensors, plus mean statistics."""
         tasks, n = ys.shape
         ids = minibatch_ids(n, iters, min(batch, n), generator, tasks)
         backend = self.backend()
-        grads_fn = GRADS[backend]
+        grads_fn = GRADS.get(backend)
         lr = self.cfg.inner_lr
-        if backend == "loop":
+        if backend == "groups":
+            w, stats = self._inner_groups(params, xs, ys, ids, lr)
+        elif backend == "loop":
             outs = [self._inner(params, xs[t], ys[t], ids[t], lr, grads_fn) for t in range(tasks)]
             w = {k: torch.stack([o[0][k] for o in outs]) for k in params}
             stats = torch.stack([o[1] for o in outs])
@@ -139,6 +165,8 @@ class Reptile(MetaLearner):
             phi, batch.xs, batch.ys, self.cfg.eval_iters, self.cfg.eval_batch, g
         )
         running = self.bn_running
+        if self.backend() == "groups":
+            return task_groups.forward(self.model, w, batch.xq, running=running)[0]
 
         def query_logits(p, x):
             return self.model(p, x, running=running)[0]

@@ -5,6 +5,12 @@ A task picks `ways` classes and, within each, shots + queries distinct images;
 the task's label j is its j-th randomly drawn class, so labels are permuted
 per task. Evaluation task sets are drawn once from a seeded CPU generator, so
 they are the same on every device, for every algorithm and run.
+
+With `rotate` (MAML++'s Omniglot augmentation), `sample` turns each class of a
+task by its own random multiple of 90 degrees, the same for all of that class's
+images in the task, drawn anew for every task. It is one gather through a
+precomputed pixel permutation, on device. Only `sample` rotates, which only
+meta-training calls: evaluation tasks (`FixedTasks`) are never rotated.
 """
 
 from dataclasses import dataclass
@@ -40,6 +46,7 @@ class EpisodeSampler:
         mean: list[float],
         std: list[float],
         split: str = "train",
+        rotate: bool = False,
     ):
         classes, per_class = images.shape[:2]
         if ways < 2:
@@ -60,6 +67,15 @@ class EpisodeSampler:
                 f"of the {split} split; lower dataset.shots or dataset.queries"
             )
         self.images, self.ways, self.shots, self.queries = images, ways, shots, queries
+        self.rotate = rotate
+        h, w = images.shape[-2:]
+        if rotate and h != w:
+            raise MetatrainError(
+                f"dataset.augment_rotation needs square images, not {h}x{w}; switch it off"
+            )
+        # out.flatten()[p] = img.flatten()[index[k, p]] is torch.rot90(img, k): (4, H*W)
+        grid = torch.arange(h * w, device=images.device).view(h, w)
+        self.rot_index = torch.stack([torch.rot90(grid, k).reshape(-1) for k in range(4)])
         c = images.shape[2]
         if len(mean) != c or len(std) != c:
             raise MetatrainError(f"dataset.mean and dataset.std need {c} values, one per channel")
@@ -78,10 +94,23 @@ class EpisodeSampler:
         ids = noise.topk(self.shots + self.queries).indices
         return cls, ids
 
-    def gather(self, cls: torch.Tensor, ids: torch.Tensor) -> TaskBatch:
+    def draw_rotations(self, tasks: int, generator: torch.Generator) -> torch.Tensor:
+        """Quarter turns (tasks, ways) in {0, 1, 2, 3}, one per class of each task."""
+        return torch.randint(4, (tasks, self.ways), generator=generator, device=generator.device)
+
+    def gather(
+        self, cls: torch.Tensor, ids: torch.Tensor, rot: torch.Tensor | None = None
+    ) -> TaskBatch:
+        """The task batch of class ids `cls`, image ids `ids` and optional quarter
+        turns `rot` (tasks, ways), each applied to all of that class's images."""
         cls, ids = cls.to(self.images.device), ids.to(self.images.device)
         tasks, ways, n = ids.shape
         x = self.images[cls[..., None], ids]  # (tasks, ways, shots+queries, C, H, W) uint8
+        if rot is not None:
+            flat = x.flatten(-2)  # (tasks, ways, n, C, H*W)
+            index = self.rot_index[rot.to(x.device)]  # (tasks, ways, H*W)
+            index = index[:, :, None, None, :].expand_as(flat)
+            x = flat.gather(-1, index).view_as(x)
         x = torch.addcmul(self.shift, x.to(self.scale.dtype), self.scale)  # one pass
         labels = torch.arange(ways, device=x.device)[None, :, None].expand(tasks, ways, n)
         s = self.shots
@@ -94,7 +123,10 @@ class EpisodeSampler:
         )
 
     def sample(self, tasks: int, generator: torch.Generator) -> TaskBatch:
-        return self.gather(*self.draw(tasks, generator))
+        """Meta-training tasks, rotated per class when `rotate` is on."""
+        cls, ids = self.draw(tasks, generator)
+        rot = self.draw_rotations(tasks, generator) if self.rotate else None
+        return self.gather(cls, ids, rot)
 
 
 class FixedTasks:

@@ -34,11 +34,12 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(-3, -1).contiguous().movedim(-1, -3)  # (..., H, W, C) in memory
 
 
-def _conv_backward(gy, x, w, stride: int, mask: list[bool]):
-    """(grad x, grad w, grad b) of conv2d(x, w, b, stride, padding=1) for output grad gy,
-    from the backend's own backward kernels; `mask` picks which are computed."""
+def _conv_backward(gy, x, w, stride: int, mask: list[bool], groups: int = 1):
+    """(grad x, grad w, grad b) of conv2d(x, w, b, stride, padding=1, groups=groups) for
+    output grad gy, from the backend's own backward kernels; `mask` picks which are
+    computed."""
     return torch.ops.aten.convolution_backward(
-        gy, x, w, [w.shape[0]], [stride, stride], [1, 1], [1, 1], False, [0, 0], 1, mask
+        gy, x, w, [w.shape[0]], [stride, stride], [1, 1], [1, 1], False, [0, 0], groups, mask
     )
 
 
@@ -56,38 +57,41 @@ class Conv3x3(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, w, b, stride):
-        return F.conv2d(x, w, b, stride, 1)
+    def forward(x, w, b, stride, groups=1):
+        return F.conv2d(x, w, b, stride, 1, 1, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, _, stride = inputs
+        x, w, _, stride, *groups = inputs
         ctx.save_for_backward(x, w)
-        ctx.stride = stride
+        groups = groups[0] if groups else 1
+        ctx.stride, ctx.groups = stride, groups
 
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx, gw, gb = ConvGrad.apply(gy, x, w, ctx.stride, need_x)
-        return gx, gw if need_w else None, gb if need_b else None, None
+        gx, gw, gb = ConvGrad.apply(gy, x, w, ctx.stride, need_x, ctx.groups)
+        extra = [None] * (len(ctx.needs_input_grad) - 3)  # stride (and groups)
+        return gx, gw if need_w else None, gb if need_b else None, *extra
 
 
 class ConvGrad(torch.autograd.Function):
     """(gx, gw, gb) = the backward of Conv3x3 at (x, w) for output grad gy; gx is
-    None unless need_x (the network's input needs no gradient)."""
+    None unless need_x (the network's input needs no gradient). Grouped convolutions
+    (tasks as channel groups) keep every formula below, group by group."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(gy, x, w, stride, need_x):
-        return _conv_backward(gy, x, w, stride, [need_x, True, True])
+    def forward(gy, x, w, stride, need_x, groups=1):
+        return _conv_backward(gy, x, w, stride, [need_x, True, True], groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gy, x, w, stride, need_x = inputs
+        gy, x, w, stride, need_x, groups = inputs
         ctx.save_for_backward(gy, x, w)
-        ctx.stride, ctx.need_x = stride, need_x
+        ctx.stride, ctx.need_x, ctx.groups = stride, need_x, groups
 
     @staticmethod
     def backward(ctx, ggx, ggw, ggb):
@@ -97,21 +101,21 @@ class ConvGrad(torch.autograd.Function):
         #   d/dx  = backward-data of a conv with weight ggw, at gy
         #   d/dw  = backward-weights of a conv with input ggx, at gy
         gy, x, w = ctx.saved_tensors
-        s = ctx.stride
+        s, g = ctx.stride, ctx.groups
         use_gx = ctx.need_x and ggx is not None
-        d_gy = F.conv2d(x, ggw, ggb, s, 1)
+        d_gy = F.conv2d(x, ggw, ggb, s, 1, 1, g)
         if use_gx:
-            d_gy = d_gy + F.conv2d(ggx, w, None, s, 1)
+            d_gy = d_gy + F.conv2d(ggx, w, None, s, 1, 1, g)
         d_x = d_w = None
         if ctx.needs_input_grad[1]:
-            d_x = _conv_backward(gy, x, ggw, s, [True, False, False])[0]
+            d_x = _conv_backward(gy, x, ggw, s, [True, False, False], g)[0]
         if ctx.needs_input_grad[2] and use_gx:
-            d_w = _conv_backward(gy, ggx, w, s, [False, True, False])[1]
-        return d_gy, d_x, d_w, None, None
+            d_w = _conv_backward(gy, ggx, w, s, [False, True, False], g)[1]
+        return d_gy, d_x, d_w, None, None, None
 
 
-def conv3x3(x, w, b, stride: int = 1):
-    """conv2d(x, w, b, stride, padding=1): Conv3x3, except under torch.func transforms
+def conv3x3(x, w, b, stride: int = 1, groups: int = 1):
+    """conv2d(x, w, b, stride, padding=1, groups=groups): Conv3x3, except under torch.func transforms
     (vmap runs convolution_backward of batched weights 3x slower than its own
     batched conv rules; measured), under autocast (whose casts it would repeat) and
     in torch.compile'd code (which derives its own backward, for first order only)."""
@@ -120,8 +124,8 @@ def conv3x3(x, w, b, stride: int = 1):
         or torch.is_autocast_enabled(x.device.type)
         or torch._C._functorch.is_functorch_wrapped_tensor(w)
     ):
-        return F.conv2d(x, w, b, stride, 1)
-    return Conv3x3.apply(x, w, b, stride)
+        return F.conv2d(x, w, b, stride, 1, 1, groups)
+    return Conv3x3.apply(x, w, b, stride, groups)
 
 
 def _flip_needed(gamma: torch.Tensor) -> bool:
@@ -138,7 +142,9 @@ def _flip_needed(gamma: torch.Tensor) -> bool:
     return bool((gamma < 0).any())
 
 
-def conv_block(x, w, b, gamma, beta, mean=None, var=None, stride: int = 1, pool: bool = True):
+def conv_block(
+    x, w, b, gamma, beta, mean=None, var=None, stride: int = 1, pool: bool = True, groups: int = 1
+):
     """conv3x3 -> batch norm -> ReLU -> 2x2 max-pool (if `pool`): the value of
     batch_norm() followed by F.relu and F.max_pool2d, with fewer full-size passes.
 
@@ -149,6 +155,8 @@ def conv_block(x, w, b, gamma, beta, mean=None, var=None, stride: int = 1, pool:
     conv output, and the affine map and ReLU on a quarter of the elements. The
     gradients agree wherever max-pooling's is defined (no ties in a window).
     Returns the output and the batch's (2, C) statistics of the unflipped conv.
+    With `groups` > 1 (tasks stacked as channel groups, models/task_groups.py) every
+    per-channel step above is already per task.
     """
     sign = None
     if pool and _flip_needed(gamma):
@@ -156,7 +164,7 @@ def conv_block(x, w, b, gamma, beta, mean=None, var=None, stride: int = 1, pool:
         w, b, gamma = w * sign.view(-1, 1, 1, 1), b * sign, gamma * sign
         if mean is not None:
             mean = mean * sign
-    y = conv3x3(x, w, b, stride)  # (N, C, H, W), times sign if flipped
+    y = conv3x3(x, w, b, stride, groups)  # (N, C, H, W), times sign if flipped
     batch_mean, batch_var = batch_stats(y)
     if mean is None:
         mean, var = batch_mean, batch_var

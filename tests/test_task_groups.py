@@ -1,0 +1,119 @@
+"""Tasks as channel groups compute the per-task maths: network outputs, statistics and
+gradients of every task, and the predictions of MAML's and Reptile's evaluation,
+against the per-task loop in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metatrain.algorithms.inner import pick_backend
+from metatrain.algorithms.maml import Maml
+from metatrain.algorithms.reptile import Reptile
+from metatrain.config import Backend
+from metatrain.models import task_groups
+from metatrain.models.conv4 import Conv4
+from tests.conftest import maml_cfg, random_tasks, reptile_cfg, train_cfg
+
+CPU = torch.device("cpu")
+
+
+def model_and_params(tasks, downsample="pool", steps=0, stat_steps=1, seed=0):
+    """A float64 Conv4 with some negative gammas, and per-task parameters that differ."""
+    torch.manual_seed(seed)
+    model = Conv4(2, 3, 16, 4, downsample, bn_weight_steps=steps, bn_stat_steps=stat_steps)
+    model = model.double()
+    with torch.no_grad():
+        for i in range(4):
+            model.running_stats(i)[0].normal_()
+            model.running_stats(i)[1].uniform_(0.5, 2)
+    params = task_groups.stack(model.params(), tasks)
+    for n, p in params.items():
+        p.add_(torch.randn_like(p) * (1.0 if n.startswith("bn") and "weight" in n else 0.1))
+    return model, params
+
+
+@pytest.mark.parametrize(
+    "downsample,running,steps,stat_steps",
+    [("pool", False, 0, 1), ("stride", False, 0, 1), ("pool", True, 2, 2), ("stride", True, 2, 1)],
+    ids=["pool", "stride", "pool-running-per-step", "stride-running-per-step-weights"],
+)
+def test_forward_and_gradients_equal_each_tasks_own(downsample, running, steps, stat_steps):
+    tasks, step = 3, 1
+    model, params = model_and_params(tasks, downsample, steps, stat_steps)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(tasks, 5, 2, 16, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (tasks, 5), generator=g)
+    logits, stats = task_groups.forward(model, params, x, step, running)
+    grads, _ = task_groups.grads(model, params, list(params), x, y, step, running)
+    assert logits.shape == (tasks, 5, 3) and stats.shape == (tasks, 4, 2, 4)
+    for t in range(tasks):
+        own = {n: p[t].clone().requires_grad_() for n, p in params.items()}
+        out, s = model(own, x[t], step=step, running=running)
+        torch.testing.assert_close(logits[t], out, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stats[t], s, rtol=1e-12, atol=1e-12)
+        ref = torch.autograd.grad(F.cross_entropy(out, y[t]), list(own.values()))
+        for n, r in zip(own, ref):
+            # Conv biases feed batch norm: their true gradient is 0 (rounding noise
+            # either way) unless running statistics replace the batch's.
+            atol = 1e-12 * max(r.abs().max().item(), 1.0) if n.endswith("bias") else 1e-12
+            torch.testing.assert_close(grads[n][t], r, rtol=1e-10, atol=atol, msg=n)
+
+
+def maml(backend, **kw):
+    torch.manual_seed(0)
+    model = Conv4(1, 3, 16, 4, bn_weight_steps=3 if kw.get("bnwb") else 0, bn_stat_steps=3)
+    model = model.double()
+    with torch.no_grad():
+        model.params()["bn1.weight"].mul_(-1)  # the sign-flip path
+        for i in range(4):
+            model.running_stats(i)[1].uniform_(0.5, 2)
+    cfg = maml_cfg(**{"inner_lr": 0.3, "train_steps": 3, "eval_steps": 3, **kw})
+    bn_eval = "running" if kw.get("bnrs") else "batch"
+    return Maml(cfg, model, train_cfg(backend=Backend[backend]), bn_eval, CPU)
+
+
+@pytest.mark.parametrize(
+    "switches", [{}, {"lslr": True, "bnwb": True, "bnrs": True}], ids=["maml", "mamlpp"]
+)
+def test_maml_predictions_equal_the_per_task_loop(switches):
+    batch = random_tasks(tasks=4)
+    groups, loop = maml("groups", **switches), maml("loop", **switches)
+    if switches:  # learned rates that differ per layer and step
+        with torch.no_grad():
+            for r in groups.net["rates"].parameters():
+                r.copy_(torch.tensor([0.3, 0.1, 0.2], dtype=r.dtype))
+        loop.net.load_state_dict(groups.net.state_dict())
+    assert groups._eval_groups() and not loop._eval_groups()
+    torch.testing.assert_close(groups.predict(batch), loop.predict(batch), rtol=1e-9, atol=1e-10)
+
+
+def reptile(backend, optimizer="adam"):
+    torch.manual_seed(0)
+    model = Conv4(1, 3, 16, filters=4).double()
+    cfg = reptile_cfg(inner_lr=0.01, inner_iters=3, inner_batch=4, eval_iters=7, eval_batch=4)
+    cfg.inner_optimizer = optimizer
+    return Reptile(cfg, model, train_cfg(backend=Backend[backend]), "running", CPU)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_reptile_evaluation_and_meta_step_equal_the_per_task_loop(optimizer):
+    batch = random_tasks(tasks=3, ways=3, shots=3, queries=2)
+    groups, loop = reptile("groups", optimizer), reptile("loop", optimizer)
+    # 7 Adam steps on minibatches of 4 (50 at test time in the presets), per task.
+    torch.testing.assert_close(groups.predict(batch), loop.predict(batch), rtol=1e-8, atol=1e-10)
+    groups.meta_step(batch, 0)
+    loop.meta_step(batch, 0)
+    x = batch.xs[0]
+    a, b = groups.model.params(), loop.model.params()
+    torch.testing.assert_close(groups.model(a, x)[0], loop.model(b, x)[0], rtol=1e-8, atol=1e-10)
+    for i in range(4):  # running statistics folded from every task's minibatches
+        torch.testing.assert_close(groups.model.running_stats(i), loop.model.running_stats(i))
+
+
+def test_auto_picks_groups_for_first_order_passes_on_cpu_only():
+    assert pick_backend("auto", CPU, False, 10**9, groups_ok=True) == "groups"
+    assert pick_backend("auto", torch.device("cuda"), False, 1, groups_ok=True) == "vmap"
+    # Asked for where it cannot run (MAML's meta-training): the auto rule.
+    assert pick_backend("groups", CPU, True, 10**9) == "loop"
+    assert reptile("auto").backend() == "groups"
+    assert maml("auto")._eval_groups()
