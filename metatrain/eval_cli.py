@@ -31,12 +31,9 @@ def _fail(message: str) -> None:
 
 
 def usage() -> str:
-    from metatrain.checkpoint import NON_MATH_KEYS
-    from metatrain.eval_config import EVAL_PROTOCOL_KEYS
+    from metatrain.keys import EVAL_PROTOCOL_KEYS, NON_MATH_KEYS
 
-    return USAGE.format(
-        protocol=" ".join(EVAL_PROTOCOL_KEYS), other=" ".join(k for k in NON_MATH_KEYS)
-    )
+    return USAGE.format(protocol=" ".join(EVAL_PROTOCOL_KEYS), other=" ".join(NON_MATH_KEYS))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,7 @@ The run's config is the one its checkpoint was trained under (the fingerprint
 stored in last.pt, which also names the keys Hydra's .hydra/config.yaml holds
 beside it), rebuilt on the typed schemas of metatrain/config.py so values are
 checked as at training. Overrides use Hydra's syntax and parser; only the keys
-in EVAL_KEYS may change, since any other would describe a network other than
+in EVAL_KEYS (metatrain/keys.py) may change, since any other would describe a network other than
 the one trained.
 """
 
@@ -14,7 +14,6 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from metatrain.checkpoint import NON_MATH_KEYS
 from metatrain.config import (
     Config,
     MamlConfig,
@@ -23,27 +22,8 @@ from metatrain.config import (
     ReptileConfig,
 )
 from metatrain.errors import MetatrainError
+from metatrain.keys import is_eval_key, is_non_math
 
-# Keys that set how a trained network is tested, not what was trained. With
-# NON_MATH_KEYS they are everything metatrain-eval accepts. eval.split exists only
-# here: it picks the split tested (test, or val to re-score validation).
-EVAL_PROTOCOL_KEYS = (
-    "eval.split",
-    "eval.test_tasks",
-    "eval.val_tasks",
-    "eval.seed",
-    "eval.ensemble_top_k",
-    "eval.test_from",
-    "dataset.ways",
-    "dataset.shots",
-    "dataset.queries",
-    "algorithm.eval_steps",
-    "algorithm.inner_lr",  # refused where LSLR learned it
-    "algorithm.eval_iters",
-    "algorithm.eval_batch",
-    "model.bn_eval",
-)
-EVAL_KEYS = (*EVAL_PROTOCOL_KEYS, *NON_MATH_KEYS)
 SPLITS = ("test", "val")
 
 _SCHEMAS = {
@@ -80,16 +60,12 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _allowed(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in EVAL_KEYS)
-
-
 def _check_key(cfg, key: str) -> None:
     if key == "eval.split":
         return
     if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
         raise MetatrainError(f"{key} is not a key of this run's config; see metatrain-eval --help")
-    if not _allowed(key):
+    if not is_eval_key(key):
         raise MetatrainError(
             f"{key} changes what was trained, so metatrain-eval cannot set it; "
             f"train another run with it (metatrain ... {key}=...)"
@@ -122,7 +98,7 @@ def compose(saved: dict, overrides: list[str]) -> EvalSetup:
             raise MetatrainError(f"{o.input_line}: {_first_line(e)}") from None
     _check_protocol(trained, cfg, [o.key_or_group for o in parsed])
     changing = sorted(
-        (o.input_line for o in parsed if not any(o.key_or_group == k for k in NON_MATH_KEYS)),
+        (o.input_line for o in parsed if not is_non_math(o.key_or_group)),
         key=lambda s: s.split("=", 1)[0],
     )
     name = ",".join(changing).replace("/", "_") or "default"

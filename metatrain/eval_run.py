@@ -31,8 +31,8 @@ from metatrain.algorithms import build_learner
 from metatrain.algorithms.inner import setup_device
 from metatrain.data.tasks import EpisodeSampler, FixedTasks
 from metatrain.datasets import load_splits
-from metatrain.eval_config import EvalSetup, compose
 from metatrain.errors import MetatrainError
+from metatrain.eval_config import EvalSetup, compose
 from metatrain.files import save_json
 from metatrain.meta_test import load_members, test_block
 from metatrain.naming import algorithm_label
@@ -48,7 +48,9 @@ def narrow_head(state: dict, ways: int) -> dict:
 def open_run(run_dir: Path) -> tuple[dict, dict]:
     """(last.pt's contents, the run's config as plain data) or a clear refusal."""
     if not run_dir.is_dir():
-        raise MetatrainError(f"{run_dir} is not a directory; give a run directory (outputs/runs/...)")
+        raise MetatrainError(
+            f"{run_dir} is not a directory; give a run directory (outputs/runs/...)"
+        )
     last = run_dir / "checkpoints" / "last.pt"
     if not last.exists():
         hint = (
@@ -98,7 +100,9 @@ def protocol(setup: EvalSetup) -> dict:
     }
     if a.name == "maml":
         out.update(
-            eval_steps=a.eval_steps, train_steps=a.train_steps, inner_lr=None if a.lslr else a.inner_lr
+            eval_steps=a.eval_steps,
+            train_steps=a.train_steps,
+            inner_lr=None if a.lslr else a.inner_lr,
         )
     else:
         out.update(eval_iters=a.eval_iters, eval_batch=a.eval_batch, inner_lr=a.inner_lr)

@@ -17,10 +17,10 @@ from metatrain.datasets import load_splits
 from metatrain.errors import MetatrainError
 from metatrain.evaluate import evaluate
 from metatrain.files import is_writable_dir, save_json
-from metatrain.naming import algorithm_label
 from metatrain.logging import RunLogger, console
 from metatrain.meta_test import describe, load_members, summary_metrics, test_block
 from metatrain.models.conv4 import Conv4
+from metatrain.naming import algorithm_label
 
 
 def resolve_device(name: str) -> torch.device:
@@ -208,7 +208,11 @@ def train(cfg, run_dir: Path | None = None) -> dict:
                 loss, acc = (sums / n_sum).tolist()
                 logger.log(
                     # Accuracy in percent, as val/acc and test/acc.
-                    {"train/loss": loss, "train/acc": 100 * acc, "time/iter_s": (now - tick) / n_sum},
+                    {
+                        "train/loss": loss,
+                        "train/acc": 100 * acc,
+                        "time/iter_s": (now - tick) / n_sum,
+                    },
                     step=done,
                 )
                 sums, n_sum, tick = None, 0, now

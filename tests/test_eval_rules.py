@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from metatrain.algorithms.maml import Maml
-from metatrain.checkpoint import NON_MATH_KEYS
-from metatrain.eval_config import EVAL_KEYS, EVAL_PROTOCOL_KEYS, compose
-from metatrain.eval_run import narrow_head
 from metatrain.errors import MetatrainError
+from metatrain.eval_config import compose
+from metatrain.eval_run import narrow_head
+from metatrain.keys import EVAL_KEYS, EVAL_PROTOCOL_KEYS, NON_MATH_KEYS
 from metatrain.models.conv4 import Conv4
 from metatrain.naming import algorithm_label
 from tests.conftest import make_cfg, maml_cfg, random_tasks, train_cfg
@@ -26,7 +26,7 @@ def mamlpp_learner(rows: int, eval_steps: int, bn_eval: str, seed: int = 0):
 
 def per_step(name: str) -> bool:
     """LSLR rates (steps,), BNWB weights and biases and BNRS statistics (steps, C)."""
-    return name.startswith("rates.") or name.startswith("model.bn")
+    return name.startswith(("rates.", "model.bn"))
 
 
 def distinct_rows(learner, seed: int = 1) -> None:
