@@ -1,5 +1,8 @@
 """Checkpoints: atomic writes, exact resume, and refusal of a foreign config."""
 
+import json
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,13 +43,41 @@ def check_same_config(saved: dict, current: dict, where: Path) -> None:
         )
 
 
+# How torch names the import a weights-only load refused ("... GLOBAL posix.system ...").
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
 def load(path: Path) -> dict:
+    """A checkpoint's contents, read with torch's weights-only unpickler: tensors and
+    plain types only, so a crafted file cannot run code while it loads."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # torch warns about newer pickle protocols
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever torch.load raises, the answer is the same
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused:
+            raise MetatrainError(
+                f"checkpoint {path} asks to import {refused.group(1)}, which no metatrain "
+                "checkpoint does; refused without running it: delete it or move it away"
+            ) from None
         raise MetatrainError(
             f"checkpoint {path} is unreadable ({type(e).__name__}); move it away to start over"
         ) from None
+
+
+def finished_results(path: Path, fingerprint: dict) -> dict:
+    """The results.json of a finished run, checked against the current config."""
+    try:
+        results = json.loads(Path(path).read_text())
+        saved = results["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise MetatrainError(
+            f"{path} is unreadable; move it away and the run is meta-tested again from "
+            "its checkpoints"
+        ) from None
+    check_same_config(saved, fingerprint, path)
+    return results
 
 
 def save(state: dict, path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metatrain import checkpoint
+from metatrain import checkpoint, rng
 from metatrain.algorithms import build_learner
 from metatrain.algorithms.inner import setup_device
 from metatrain.data.tasks import EpisodeSampler, FixedTasks
@@ -65,27 +65,6 @@ def build_model(cfg, device: torch.device) -> Conv4:
     ).to(device)
 
 
-def _rng_state(generator: torch.Generator) -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "sampler": generator.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, generator: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["sampler"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _check_settings(cfg) -> None:
     t, a = cfg.train, cfg.algorithm
     positive = {
@@ -127,13 +106,18 @@ def train(cfg, run_dir: Path | None = None) -> dict:
     fingerprint = checkpoint.config_fingerprint(cfg)
     _check_settings(cfg)
 
-    if results_path.exists() and not last_path.exists():
-        raise MetatrainError(f"{results_path} exists without checkpoints; use another directory")
+    # A finished run is known by its results.json alone, so a damaged last.pt cannot
+    # make it look unfinished.
+    if results_path.exists():
+        results = checkpoint.finished_results(results_path, fingerprint)
+        console.print(f"[green]{run_dir} is finished; its results.json stands")
+        return results
     resume = checkpoint.load(last_path) if last_path.exists() else None
     if resume is not None:
         checkpoint.check_same_config(resume["config"], fingerprint, last_path)
-        if resume.get("results") is not None:
-            console.print(f"[green]{run_dir} is finished; its results.json stands")
+        if resume.get("results") is not None:  # results.json was removed: write it back
+            save_json(resume["results"], results_path)
+            console.print(f"[green]{run_dir} is finished; results.json rewritten from {last_path}")
             return resume["results"]
 
     device = resolve_device(cfg.device.value)
@@ -171,7 +155,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
     start, wall, best = 0, 0.0, []  # best: [(val acc, iteration, file name)], best first
     if resume is not None:
         learner.load_state_dict(resume["learner"])
-        _set_rng_state(resume["rng"], generator)
+        rng.restore(resume["rng"], generator)
         start, wall, best = resume["iteration"], resume["wall_time_s"], resume["best"]
         console.print(f"[cyan]resuming {run_dir} at iteration {start}")
 
@@ -180,7 +164,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
             {
                 "iteration": iteration,
                 "learner": learner.state_dict(),
-                "rng": _rng_state(generator),
+                "rng": rng.capture(generator),
                 "config": fingerprint,
                 "best": best,
                 "wall_time_s": wall,

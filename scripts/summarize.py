@@ -127,7 +127,7 @@ def outcome(cell: Path, total: int | None) -> dict:
     import torch  # only here: loading torch costs seconds
 
     try:
-        state = torch.load(last, map_location="cpu", weights_only=False)
+        state = torch.load(last, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - any unreadable checkpoint means the same here
         return {"status": "unfinished (checkpoint unreadable)"}
     if state.get("results"):  # finished, and the final checkpoint keeps the results too

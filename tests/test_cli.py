@@ -13,7 +13,7 @@ from tests.conftest import TINY, metatrain_cmd, run_cli
 
 
 def final_state(run_dir):
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     return state["iteration"], state["learner"]["net"]
 
 

@@ -266,7 +266,7 @@ def test_state_dict_carries_rates_statistics_optimiser_and_schedule():
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)
-    b.load_state_dict(torch.load(buf, weights_only=False))
+    b.load_state_dict(torch.load(buf, weights_only=True))
     for it in range(3, 6):
         a.meta_step(batches[it], it)
         b.meta_step(batches[it], it)

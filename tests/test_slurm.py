@@ -29,7 +29,7 @@ ARGS = [*TINY, "train.iterations=300", "train.checkpoint_interval=5", "train.val
 def iteration(run_dir):
     last = run_dir / "checkpoints" / "last.pt"
     try:
-        return torch.load(last, weights_only=False)["iteration"] if last.exists() else 0
+        return torch.load(last, weights_only=True)["iteration"] if last.exists() else 0
     except (EOFError, RuntimeError):
         return 0
 
@@ -83,8 +83,8 @@ def test_requeued_cell_resumes_and_matches_an_uninterrupted_run(omniglot_data, t
     reference = tmp_path / "reference"
     out = run_cli(*ARGS, "seed=0", f"hydra.run.dir={reference}")
     assert out.returncode == 0, out.stderr[-3000:]
-    a = torch.load(target / "checkpoints" / "last.pt", weights_only=False)["learner"]["net"]
-    b = torch.load(reference / "checkpoints" / "last.pt", weights_only=False)["learner"]["net"]
+    a = torch.load(target / "checkpoints" / "last.pt", weights_only=True)["learner"]["net"]
+    b = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)["learner"]["net"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
     ours = json.loads((target / "results.json").read_text())["test"]

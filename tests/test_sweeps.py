@@ -47,7 +47,7 @@ def test_killed_sweep_resumes_unfinished_cells_and_skips_finished(omniglot_data,
     while time.time() < deadline and proc.poll() is None:
         if second is None and len(list(sweep.glob("*/.hydra"))) == 2:
             second = cell(sweep, "seed=1") / "checkpoints" / "last.pt"
-        if second and second.exists() and torch.load(second, weights_only=False)["iteration"] >= 10:
+        if second and second.exists() and torch.load(second, weights_only=True)["iteration"] >= 10:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
