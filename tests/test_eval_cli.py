@@ -17,11 +17,13 @@ import pytest
 import torch
 
 from metatrain import checkpoint
+from metatrain.errors import MetatrainError
 from metatrain.eval_run import evaluate_run, narrow_head
 from metatrain.train import train
 from tests.conftest import TINY, make_cfg
 
-BASE = [*TINY, "train.iterations=20", "eval.val_tasks=12", "eval.test_tasks=16"]
+BASE = [*TINY, "train.iterations=10", "train.val_interval=5", "eval.val_tasks=12"]
+BASE += ["eval.test_tasks=16"]
 BASE += ["eval.ensemble_top_k=2", "train.keep_best=3", "eval.batch=8"]
 ALGORITHMS = {
     "maml": ["algorithm=maml"],
@@ -149,7 +151,7 @@ def test_unfinished_run_is_evaluated_from_its_last_checkpoint(runs, tmp_path):
     state["results"] = None  # as a run stopped right after its last checkpoint
     checkpoint.save(state, copy / "checkpoints" / "last.pt")
     _, record = evaluate_run(copy, [], log=lambda *_: None)
-    assert record["run"] == {"status": "unfinished", "iteration": 20}
+    assert record["run"] == {"status": "unfinished", "iteration": 10}
     assert not (copy / "results.json").exists()
 
 
@@ -190,18 +192,29 @@ def eval_cli(*args):
         ("eval.test_tasks=many", ["eval.test_tasks=many"]),
     ],
 )
-def test_refusals_are_one_line_with_exit_2(runs, override, fragments):
+def test_refusals_name_the_key(runs, override, fragments):
     run_dir, _ = runs("mamlpp")
     before = digests(run_dir)
-    one_line_error(eval_cli(str(run_dir), override), *fragments)
+    with pytest.raises(MetatrainError) as e:
+        evaluate_run(run_dir, [override], log=lambda *_: None)
+    assert "\n" not in str(e.value) and all(f in str(e.value) for f in fragments)
     assert digests(run_dir) == before
+
+
+def test_training_changing_key_exits_2_with_one_line(runs):
+    run_dir, _ = runs("mamlpp")
+    before = digests(run_dir)
+    one_line_error(eval_cli(str(run_dir), "model.filters=16"), "model.filters changes")
+    assert digests(run_dir) == before and not (run_dir / "eval" / "model.filters=16.json").exists()
 
 
 def test_missing_and_unstarted_run_directories(tmp_path):
     one_line_error(eval_cli(str(tmp_path / "nowhere")), "is not a directory")
     (tmp_path / "started" / ".hydra").mkdir(parents=True)
-    one_line_error(eval_cli(str(tmp_path / "started")), "has not saved a checkpoint yet")
-    one_line_error(eval_cli(str(tmp_path)), "not a metatrain run directory")
+    with pytest.raises(MetatrainError, match="has not saved a checkpoint yet"):
+        evaluate_run(tmp_path / "started", [])
+    with pytest.raises(MetatrainError, match="not a metatrain run directory"):
+        evaluate_run(tmp_path, [])
 
 
 def test_console_script_prints_both_numbers(runs):
