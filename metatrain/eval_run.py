@@ -120,7 +120,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], log=print) -> tuple[Path, 
     device = resolve_device(cfg.device.value)
     setup_device(device, cfg.train)
     iteration, total = state["iteration"], setup.trained.train.iterations
-    finished = state.get("results") is not None
+    finished = (run_dir / "results.json").exists() or state.get("results") is not None
     status = "finished" if finished else f"unfinished (iteration {iteration} of {total})"
     log(f"evaluating {run_dir} ({status}) with {' '.join(overrides) or 'its own protocol'}")
 
@@ -128,6 +128,8 @@ def evaluate_run(run_dir: Path, overrides: list[str], log=print) -> tuple[Path, 
     learner = build_learner(cfg, model, device)
     learner.net.load_state_dict(narrow_head(state["learner"]["net"], ways))
     best = [tuple(b) for b in state.get("best") or []]
+    if cfg.eval.ensemble_top_k > len(best):
+        log(f"{len(best)} validation checkpoints are kept: the ensemble has {len(best) or 1}")
     ckpt_dir = run_dir / "checkpoints"
     members = load_members(
         best, cfg.eval.ensemble_top_k, ckpt_dir, adapt=lambda s: narrow_head(s, ways)
