@@ -5,16 +5,16 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
 .PHONY: help install test lint format train clean smoke repro-omniglot repro-miniimagenet \
-	ablation-mamlpp summarize slurm-start slurm-stop
+	ablation-mamlpp summarize plot slurm-start slurm-stop
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv and install metatrain with its dev and scale-out extras
+install: $(STAMP) ## create .venv and install metatrain with its dev, scale-out and plot extras
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev,scale]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev,scale,plot]"
 	touch $(STAMP)
 
 test: install lint ## lint, then run the test suite (installs first if needed)
@@ -32,8 +32,8 @@ train: install ## meta-train with the defaults (MAML, Omniglot 5-way 1-shot); AR
 	$(VENV)/bin/metatrain $(ARGS)
 
 .PHONY: bench
-bench: install ## seconds/meta-iteration, FLOP/s, peak memory of the paper settings -> bench.json + table; ARGS="--settings all --backend both --threads 2"
-	$(PY) scripts/bench.py $(ARGS)
+bench: install ## metatrain vs a naive loop (and the MAML++ authors' code: AUTHORS_DIR=checkout) in one run -> bench.json + table; ARGS="--threads 2 ..."
+	$(PY) scripts/bench.py $(if $(AUTHORS_DIR),--authors-dir $(AUTHORS_DIR)) $(ARGS)
 
 SEEDS ?= 0,1,2
 METATRAIN := $(VENV)/bin/metatrain
@@ -57,6 +57,9 @@ ablation-mamlpp: install ## MAML++ switches added to MAML and removed from MAML+
 
 summarize: install ## table of a sweep beside the published numbers: make summarize SWEEP=outputs/multirun/NAME
 	$(PY) scripts/summarize.py $(SWEEP)
+
+plot: install ## learning curves and test-accuracy bars (PNG) of a sweep or run folder: make plot SWEEP=outputs/multirun/NAME
+	$(PY) scripts/plot.py $(SWEEP)
 
 slurm-start: ## install (apt) and start a one-node Slurm cluster on this machine
 	bash scripts/local_slurm.sh install

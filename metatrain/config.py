@@ -23,7 +23,7 @@ class Backend(Enum):
     auto = "auto"  # the faster of the two for the device and derivative order
     loop = "loop"  # one task at a time
     vmap = "vmap"  # the task batch at once with torch.func.vmap
-    groups = "groups"  # the task batch as channel groups of one network (first order)
+    groups = "groups"  # the task batch as channel groups of one network
 
 
 class BNEval(Enum):

@@ -1,11 +1,15 @@
-"""One place to log: a rich progress bar and console lines, and Weights & Biases.
+"""One place to log: the console, RUN_DIR/metrics.jsonl, and Weights & Biases.
+
+On a terminal the console shows a rich progress bar; otherwise (a file, Slurm,
+nohup, CI) one plain line per log interval, since a bar redrawn into a file is
+unreadable. Validation and test lines are printed in both cases.
 
 W&B runs offline by default (its files go into the run directory; `wandb
 sync` uploads them later) and never blocks training: if it cannot start, the
 run goes on with the console alone and says so.
 """
 
-import time
+import datetime
 import uuid
 from pathlib import Path
 
@@ -13,14 +17,23 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from metatrain.metrics import MetricsFile
+
 console = Console(stderr=True, soft_wrap=True)  # long paths stay whole in logs
 
 
 class RunLogger:
-    def __init__(self, cfg, run_dir: Path, start: int, total: int):
+    def __init__(self, cfg, run_dir: Path, start: int, total: int, wall_time_s: float = 0.0):
         self.run = None
         if cfg.logger.name == "wandb" and cfg.logger.mode != "disabled":
             self.run = _start_wandb(cfg, run_dir)
+        self.metrics = MetricsFile(run_dir, start, wall_time_s)
+        self.total = total
+        self.progress = None
+        if console.is_terminal:
+            self._start_progress(start, total)
+
+    def _start_progress(self, start: int, total: int) -> None:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -35,28 +48,41 @@ class RunLogger:
             "meta-train", total=total, completed=start, speed="", metrics=""
         )
         self.progress.start()
-        self.last = (time.perf_counter(), start)
 
     def advance(self, iteration: int) -> None:
-        self.progress.update(self.task, completed=iteration)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=iteration)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:
             self.run.log(metrics, step=step)
+        self.metrics.write(metrics, step)
         shown = "  ".join(f"{k}={v:.3f}" for k, v in metrics.items() if not k.startswith("time/"))
-        fields = {"metrics": shown}
-        if "time/iter_s" in metrics:
-            fields["speed"] = f"{1.0 / max(metrics['time/iter_s'], 1e-9):.2f} it/s"
-        self.progress.update(self.task, **fields)
+        if self.progress is not None:
+            fields = {"metrics": shown}
+            if "time/iter_s" in metrics:
+                fields["speed"] = f"{1.0 / max(metrics['time/iter_s'], 1e-9):.2f} it/s"
+            self.progress.update(self.task, **fields)
+        elif "time/iter_s" in metrics:
+            console.print(_plain_line(metrics, step, self.total, shown), markup=False)
         if any(k.startswith(("val/", "test/")) for k in metrics):
-            self.progress.console.print(f"iteration {step}: {shown}")
+            console.print(f"iteration {step}: {shown}", markup=False)
 
     def finish(self, summary: dict | None = None) -> None:
-        self.progress.stop()
+        if self.progress is not None:
+            self.progress.stop()
+        self.metrics.close()
         if self.run is not None:
             if summary:
                 self.run.summary.update(summary)
             self.run.finish()
+
+
+def _plain_line(metrics: dict, step: int, total: int, shown: str) -> str:
+    """`iteration 200/1000  train/loss=...  train/acc=...  2.41 it/s  ETA 0:05:32`."""
+    sec = max(metrics["time/iter_s"], 1e-9)
+    eta = datetime.timedelta(seconds=round(sec * (total - step)))
+    return f"iteration {step}/{total}  {shown}  {1.0 / sec:.2f} it/s  ETA {eta}"
 
 
 def _start_wandb(cfg, run_dir: Path):

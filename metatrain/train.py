@@ -174,7 +174,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
         )
 
     t = cfg.train
-    logger = RunLogger(cfg, run_dir, start, t.iterations)
+    logger = RunLogger(cfg, run_dir, start, t.iterations, wall)
     try:
         sums, n_sum, t0 = None, 0, time.perf_counter()
         tick = t0
@@ -200,6 +200,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
                     step=done,
                 )
                 sums, n_sum, tick = None, 0, now
+            paused = time.perf_counter()  # validation and saving stay out of time/iter_s
             if done % t.val_interval == 0 or done == t.iterations:
                 val = evaluate(learner, val_tasks, cfg.eval.batch)
                 logger.log({"val/acc": val["acc"], "val/acc_ci95": val["ci95"]}, step=done)
@@ -208,6 +209,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
                 wall += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 save_last(done)
+            tick += time.perf_counter() - paused
         wall += time.perf_counter() - t0
 
         members = load_members(best, cfg.eval.ensemble_top_k, ckpt_dir)
@@ -215,7 +217,8 @@ def train(cfg, run_dir: Path | None = None) -> dict:
             learner, test_tasks, cfg.eval.batch, best, members,
             cfg.eval.test_from.value, cfg.model.bn_eval.value,
         )  # fmt: skip
-        logger.log({"test/acc": test["acc"], "test/acc_ci95": test["ci95"]}, step=t.iterations)
+        accs = {k: v for k, v in summary_metrics(test).items() if k.endswith(("acc", "_ci95"))}
+        logger.log(accs, step=t.iterations)  # headline, single and ensemble
         results = {
             "status": "finished",
             "algorithm": algorithm_label(cfg),

@@ -1,32 +1,36 @@
-"""Seconds per meta-iteration, tasks per second, FLOP/s and peak memory of named settings.
+"""metatrain beside a naive per-task loop and the MAML++ authors' code, timed in one run.
 
-    python scripts/bench.py                                   # the four main settings, CPU (+ CUDA)
+    make bench                                                # the main settings, ratios
+    python scripts/bench.py --authors-dir /tmp/HowToTrainYourMAMLPytorch --threads 2
     python scripts/bench.py --settings all --backend both --threads 2 --out bench.json
-    python scripts/bench.py --settings mamlpp-omniglot-20w1s --device cuda --iters 20
+    python scripts/bench.py --settings eval-reptile-omniglot-5w5s --iters 2 eval.batch=10
 
 Each setting is a paper preset (conf/experiment/) run on random uint8 images of the
-dataset's shape, so no data set is needed. Each (setting, device, backend) runs in its own
-worker process: warm-up iterations, then --iters timed meta-iterations, each drawing its
-task batch on the device and taking one meta-step, exactly as the run loop does. Reported:
+dataset's shape, so no data set is needed. A training setting times meta-iterations; an
+evaluation setting (eval-*) times the adaptation and query prediction of one batch of
+eval.batch tasks, reported as tasks per second. Each (setting, implementation, device,
+backend) runs in its own worker process: warm-up units, then --iters timed ones, each on
+a fresh random task batch. Implementations, all timed the same way in the same run:
 
-- s/iter: median (and min) wall time of a meta-iteration; CUDA is synchronised around each.
-- tasks/s: meta-batch / median s/iter.
-- GFLOP/iter: convolution and matmul FLOPs of one meta-iteration counted by
-  torch.utils.flop_counter.FlopCounterMode on the per-task loop (the count is the maths,
-  not the backend; double-backward convolutions are counted). Elementwise ops are not
-  counted.
-- GFLOP/s: GFLOP/iter / median s/iter.
-- bound s: GFLOP/iter / the machine's float32 matmul GFLOP/s (a 4096x4096 torch.mm with
-  the same threads, best of 5), and x bound = s/iter / bound s, the issue's yardstick.
-  oneDNN's convolutions can run faster than torch.mm on CPU, so x bound can be below 1;
-  the conv GFLOP/s of one large NHWC convolution is reported beside it for that reason.
-- peak MB: CUDA: torch.cuda.max_memory_allocated over the timed iterations. CPU: peak
-  resident set size (Linux VmHWM, reset just before the timed iterations) minus the
-  process's resident size before the data and model were built.
+- ours: metatrain's learner (train.backend as given; auto = what a run would use).
+- naive: the per-task loop of scripts/bench_baselines.py (functional_call +
+  torch.autograd.grad per task, nn.BatchNorm2d without running statistics) on the same
+  shapes; "x naive" = naive s / ours s.
+- authors: with --authors-dir DIR (a checkout of the MAML++ authors' code, fetched, never
+  part of this repository), their run_train_iter / run_validation_iter on batches of the
+  same shapes, MAML++ settings only; "x authors" = authors s / ours s.
 
-Timings on a shared machine are only as good as its idle cores: the CPU time that other
-processes used during the timed iterations (from /proc/stat) is recorded, in cores, and
-rows where it exceeds 0.25 cores are flagged (busy) in the table.
+Also reported: GFLOP per unit (convolution and matmul FLOPs counted with
+torch.utils.flop_counter on metatrain's per-task loop: the maths, not the backend), the
+machine's float32 matmul rate (4096^2 torch.mm, best of 5, same threads), bound s =
+GFLOP / matmul GFLOP/s and x bound = ours s / bound s; peak memory (CUDA
+max_memory_allocated, or CPU VmHWM minus the resident size before the build).
+
+The report records the CPU model and its vector flags. A shared machine makes every
+figure an upper bound: the CPU time other processes used while a worker was timed
+(/proc/stat) is recorded in cores, rows above 0.25 cores are marked (busy), and a run
+with any busy row is marked CONTENDED. Ratios within one run share the contention but
+still move with it. --wait-idle / --retry-busy wait for, or retry until, quiet cores.
 """
 
 import argparse
@@ -54,13 +58,13 @@ SETTINGS = {
         "mamlpp_omniglot_20w1s",
         ["algorithm.da=false"],
         0,
-        "second order + multi-step loss (the authors' 5.5 s phase)",
+        "second order + multi-step loss (the authors' epoch-0 phase)",
     ),
     "mamlpp-miniimagenet-5w1s": (
         "mamlpp_miniimagenet_5w1s",
         ["algorithm.da=false"],
         0,
-        "second order + multi-step loss (the authors' 10.6 s phase)",
+        "second order + multi-step loss (the authors' epoch-0 phase)",
     ),
     "reptile-omniglot-5w5s": (
         "reptile_omniglot_5w5s",
@@ -94,16 +98,50 @@ SETTINGS = {
         25000,
         "second order, final-step loss (epoch 50 on)",
     ),
+    "fomaml-omniglot-5w1s": (
+        "fomaml_omniglot_5w1s",
+        ["algorithm.meta_batch=8", "dataset.queries=15", "model.downsample=pool"],
+        0,
+        "first order, 1 step, meta-batch 8, 15 queries, max-pool net",
+    ),
+    # Evaluation: adapt eval.batch tasks from the meta-parameters, predict their queries.
+    "eval-maml-omniglot-5w1s": ("maml_omniglot_5w1s", [], 0, "3 SGD steps per task"),
+    "eval-mamlpp-omniglot-20w1s": ("mamlpp_omniglot_20w1s", [], 0, "5 SGD steps per task"),
+    "eval-mamlpp-miniimagenet-5w1s": (
+        "mamlpp_miniimagenet_5w1s",
+        [],
+        0,
+        "5 SGD steps per task",
+    ),
+    "eval-reptile-omniglot-5w5s": (
+        "reptile_omniglot_5w5s",
+        [],
+        0,
+        "50 Adam steps on batches of 10 per task",
+    ),
 }
 MAIN = [
     "maml-omniglot-5w1s",
+    "fomaml-omniglot-5w1s",
     "mamlpp-omniglot-20w1s",
     "mamlpp-miniimagenet-5w1s",
     "reptile-omniglot-5w5s",
+    "eval-mamlpp-omniglot-20w1s",
+    "eval-reptile-omniglot-5w5s",
 ]
-# The MAML++ authors' implementation, CPU, 2 threads, same settings and phase (the
-# figures quoted in the issue that asked for this benchmark; not measured here).
-AUTHORS_S_PER_ITER = {"mamlpp-omniglot-20w1s": 5.5, "mamlpp-miniimagenet-5w1s": 10.6}
+# Where the authors' code runs the same maths: MAML++ with the multi-step loss, second
+# order from the start (their configs' first_order_to_second_order_epoch = -1), epoch 0.
+AUTHORS_SETTINGS = {
+    "mamlpp-omniglot-20w1s",
+    "mamlpp-miniimagenet-5w1s",
+    "eval-mamlpp-omniglot-20w1s",
+    "eval-mamlpp-miniimagenet-5w1s",
+}
+
+
+def kind_of(setting: str) -> str:
+    """train: one meta-iteration per unit; eval: one batch of evaluation tasks."""
+    return "eval" if setting.startswith("eval-") else "train"
 
 
 # -- measurements that need no model ----------------------------------------------------
@@ -247,7 +285,8 @@ def worker(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])
-    setting = job["setting"]
+    setting, impl = job["setting"], job.get("impl", "ours")
+    kind = kind_of(setting)
     iteration = SETTINGS[setting][2]
     cfg = compose(setting, job["backend"], job["overrides"])
     setup_device(device, cfg.train)
@@ -257,31 +296,53 @@ def worker(job: dict) -> dict:
     model = build_model(cfg, device)
     learner = build_learner(cfg, model, device)
     ds = cfg.dataset
-    shots, queries = learner.train_shape(ds.shots, ds.queries)
+    shots, queries = (ds.shots, ds.queries)
+    if kind == "train":
+        shots, queries = learner.train_shape(ds.shots, ds.queries)
     images = random_images(cfg, shots, queries).to(device)
     sampler = EpisodeSampler(images, ds.ways, shots, queries, ds.mean, ds.std)
     generator = torch.Generator(device=device).manual_seed(0)
-    meta_batch = cfg.algorithm.meta_batch
+    tasks = cfg.eval.batch if kind == "eval" else cfg.algorithm.meta_batch
+    probe = sampler.sample(tasks, generator)
+    info, picked = {}, impl
+    second = cfg.algorithm.name == "maml" and learner.second_order(iteration)
 
-    def step():
-        batch = sampler.sample(meta_batch, generator)
-        return learner.meta_step(batch, iteration)
+    if impl == "ours":
+        picked = job["backend"]
+        if kind == "eval":
+            step = lambda: learner.predict(sampler.sample(tasks, generator))
+            if cfg.algorithm.name == "maml":
+                grouped = getattr(learner, "_eval_groups", lambda: False)()
+                picked = "groups" if grouped else learner.backend(False, probe)
+            else:
+                picked = learner.backend()
+        else:
+            step = lambda: learner.meta_step(sampler.sample(tasks, generator), iteration)
+            if cfg.algorithm.name == "maml":
+                picked = learner.backend(second, probe)
+            elif hasattr(learner, "backend"):
+                picked = learner.backend()
+    elif impl == "naive":
+        from bench_baselines import build_naive
 
-    probe = sampler.sample(meta_batch, generator)
-    picked = job["backend"]
-    if cfg.algorithm.name == "maml":
-        picked = learner.backend(learner.second_order(iteration), probe)
-    elif hasattr(learner, "backend"):
-        picked = learner.backend()
+        weights = learner.step_weights(iteration) if cfg.algorithm.name == "maml" else None
+        step = build_naive(cfg, sampler, generator, kind, iteration, weights, second)
+    else:
+        from bench_baselines import build_authors
+
+        step, info = build_authors(cfg, sampler, generator, kind, job["authors_dir"])
 
     flops = None
-    if job["flops"]:
+    if job["flops"] and impl == "ours":
         # Counted on a twin learner with the per-task loop: the FLOPs of the maths.
         # (Under vmap some counted ops differ: functorch also forms input gradients
         # that the loop knows are not needed.)
         twin_cfg = compose(setting, "loop", job["overrides"])
         twin = build_learner(twin_cfg, build_model(twin_cfg, device), device)
-        flops = count_flops(lambda: twin.meta_step(probe, iteration))
+        if kind == "eval":
+            flops = count_flops(lambda: twin.predict(probe))
+        else:
+            flops = count_flops(lambda: twin.meta_step(probe, iteration))
         del twin
     for _ in range(job["warmup"]):
         step()
@@ -294,7 +355,7 @@ def worker(job: dict) -> dict:
     times = []
     for _ in range(job["iters"]):
         t = time.perf_counter()
-        metrics = step()
+        step()
         sync()
         times.append(time.perf_counter() - t)
     busy1, own1, wall1 = _busy_seconds(), _own_seconds(), time.perf_counter()
@@ -303,7 +364,6 @@ def worker(job: dict) -> dict:
     others = None
     if busy0 is not None and busy1 is not None:
         others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)
-    loss = float(metrics["loss"])  # once, after timing: no sync inside the timed loop
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
         peak_how = "cuda max_memory_allocated"
@@ -314,23 +374,48 @@ def worker(job: dict) -> dict:
         else:
             peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             peak_mb, peak_how = peak_kb / 1024, "ru_maxrss (whole process)"
+    top_ops = profile_ops(step, sync, job["profile"]) if job.get("profile") else None
     median = statistics.median(times)
+    tasks = info.get("authors_tasks", tasks)
     return {
         **job,
+        **info,
+        "kind": kind,
         "phase": SETTINGS[setting][3],
         "iteration": iteration,
-        "meta_batch": meta_batch,
+        "tasks": tasks,
         "backend_used": picked,
         "s_per_iter": median,
         "s_per_iter_min": min(times),
         "times": times,
-        "tasks_per_s": meta_batch / median,
+        "tasks_per_s": tasks / median,
         "flops_per_iter": flops,
         "peak_mem_mb": peak_mb,
         "peak_mem_how": peak_how,
-        "loss": loss,
         "other_cores_busy": others,
+        "top_ops": top_ops,
     }
+
+
+def profile_ops(step, sync, top: int) -> list[dict]:
+    """One more unit under torch.profiler: the `top` operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        sync()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [
+        {
+            "op": e.key,
+            "self_ms": e.self_cpu_time_total / 1e3,
+            "share": e.self_cpu_time_total / total,
+            "calls": e.count,
+        }
+        for e in ranked
+    ]
 
 
 def wait_idle(max_wait: float, calm: float = 10.0, limit: float = 0.15) -> bool:
@@ -365,12 +450,15 @@ def machine(device, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    model, flags = _cpu_info()
     info = {
         "device": str(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": threads,
-        "cpu": _cpu_model(),
+        "cpu": model,
+        "cpu_flags": flags,
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "matmul_gflops": matmul_gflops(device),
         "conv_gflops": conv_gflops(device),
@@ -381,14 +469,25 @@ def machine(device, threads: int) -> dict:
     return info
 
 
-def _cpu_model() -> str:
+# The vector-unit flags that decide which oneDNN/ATen kernels run.
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
+VECTOR_FLAGS += ("amx_tile", "amx_bf16", "asimd", "sve")
+
+
+def _cpu_info() -> tuple[str, list[str]]:
+    """CPU model name and its vector flags (Linux /proc/cpuinfo)."""
+    model, flags = platform.processor() or "unknown", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model in ("unknown", platform.processor()):
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = [f for f in value.split() if f in VECTOR_FLAGS]
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return model, flags
 
 
 def add_derived(result: dict, machines: dict) -> dict:
@@ -401,84 +500,135 @@ def add_derived(result: dict, machines: dict) -> dict:
         result["achieved_gflops"] = flops / 1e9 / result["s_per_iter"]
         result["bound_s"] = flops / 1e9 / m["matmul_gflops"]
         result["x_bound"] = result["s_per_iter"] / result["bound_s"]
-    ref = AUTHORS_S_PER_ITER.get(result["setting"])
-    if ref and result["device"] == "cpu" and result["threads"] == 2:
-        result["authors_s_per_iter"] = ref
-        result["speedup_vs_authors"] = ref / result["s_per_iter"]
     others = result.get("other_cores_busy")
     result["contended"] = others is not None and others > 0.25
     return result
+
+
+def add_ratios(results: list[dict]) -> None:
+    """x naive and x authors of each of our rows: their s / ours s, same device, same
+    threads, same run. Per task for evaluation, where batch sizes may differ."""
+
+    def key(r):
+        return (r["setting"], r["device"], r["threads"])
+
+    base = {}
+    for r in results:
+        if r.get("impl") in ("naive", "authors") and "error" not in r:
+            base[(*key(r), r["impl"])] = r
+    for r in results:
+        if r.get("impl", "ours") != "ours" or "error" in r:
+            continue
+        for impl in ("naive", "authors"):
+            b = base.get((*key(r), impl))
+            if b is not None:
+                r[f"{impl}_s_per_iter"] = b["s_per_iter"]
+                r[f"{impl}_tasks_per_s"] = b["tasks_per_s"]
+                r[f"x_{impl}"] = r["tasks_per_s"] / b["tasks_per_s"]
+                r[f"{impl}_contended"] = b.get("contended", False)
 
 
 def print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(Console().width, 160))
+    console = Console(width=max(Console().width, 170))
     for dev, m in report["machines"].items():
         console.print(
-            f"[bold]{dev}[/]: {m.get('gpu', m['cpu'])}, torch {m['torch']}, "
-            f"{m['threads']} threads: matmul {m['matmul_gflops']:.1f} GFLOP/s (fp32 4096^2), "
-            f"conv {m['conv_gflops']:.1f} GFLOP/s (64->64 3x3 NHWC)"
+            f"[bold]{dev}[/]: {m.get('gpu', m['cpu'])} ({m['cores']} cores; "
+            f"{' '.join(m.get('cpu_flags', [])) or 'no flags read'}; torch ISA "
+            f"{m.get('cpu_isa', '?')}), torch {m['torch']}, {m['threads']} threads: matmul "
+            f"{m['matmul_gflops']:.1f} GFLOP/s (fp32 4096^2), conv {m['conv_gflops']:.1f} "
+            "GFLOP/s (64->64 3x3 NHWC)"
         )
-    table = Table(title="metatrain: seconds per meta-iteration")
-    cols = [
-        "setting",
-        "device",
-        "backend",
-        "s/iter",
-        "min",
-        "tasks/s",
-        "GFLOP/iter",
-        "GFLOP/s",
-        "bound s",
-        "x bound",
-        "authors s",
-        "peak MB",
-    ]
+    if report.get("contended"):
+        console.print(
+            "[bold yellow]CONTENDED RUN: other processes kept the cores busy; every time is "
+            "an upper bound and the ratios move with the load. Redo on an idle machine."
+        )
+    table = Table(title=f"metatrain vs baselines, one run ({report['created']})")
+    cols = ["setting", "dev", "ours backend", "unit", "ours s", "tasks/s", "naive s", "x naive"]
+    cols += ["authors s", "x authors", "GFLOP", "bound s", "x bound", "peak MB"]
     for c in cols:
-        table.add_column(c, justify="left" if c in ("setting", "device", "backend") else "right")
+        table.add_column(c, justify="left" if c in cols[:4] else "right")
 
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
+    def f(v, fmt, busy=False):
+        return "-" if v is None else format(v, fmt) + (" [yellow](busy)" if busy else "")
 
     for r in report["results"]:
+        if r.get("impl", "ours") != "ours":
+            if "error" in r:
+                table.add_row(r["setting"], r["device"], r["impl"], "", f"[red]{r['error']}")
+            continue
         if "error" in r:
-            table.add_row(r["setting"], r["device"], r["backend"], f"[red]{r['error']}")
+            table.add_row(r["setting"], r["device"], r["backend"], "", f"[red]{r['error']}")
             continue
         backend = r["backend"] if r["backend"] != "auto" else f"auto={r['backend_used']}"
-        flag = " [yellow](busy)" if r.get("contended") else ""
+        unit = "iter" if r["kind"] == "train" else f"{r['tasks']} tasks"
         table.add_row(
             r["setting"],
             r["device"],
             backend,
-            f(r["s_per_iter"], ".3f") + flag,
-            f(r["s_per_iter_min"], ".3f"),
+            unit,
+            f(r["s_per_iter"], ".3f", r.get("contended")),
             f(r["tasks_per_s"], ".1f"),
+            f(r.get("naive_s_per_iter"), ".3f", r.get("naive_contended")),
+            f(r.get("x_naive"), ".2f"),
+            f(r.get("authors_s_per_iter"), ".3f", r.get("authors_contended")),
+            f(r.get("x_authors"), ".2f"),
             f(r.get("gflops_per_iter"), ".1f"),
-            f(r.get("achieved_gflops"), ".1f"),
             f(r.get("bound_s"), ".2f"),
             f(r.get("x_bound"), ".2f"),
-            f(r.get("authors_s_per_iter"), ".1f"),
             f(r["peak_mem_mb"], ".0f"),
         )
     console.print(table)
     console.print(
-        "s/iter: median over the timed iterations; bound s = GFLOP/iter / matmul GFLOP/s; "
-        "x bound = s/iter / bound s; authors s: the MAML++ authors' code, CPU 2 threads (quoted); "
-        "(busy): other processes kept > 0.25 cores busy during the timed iterations."
+        "s: median over the timed units (a meta-iteration, or one batch of evaluation "
+        "tasks); x naive / x authors = their time per task / ours, measured in this run; "
+        "bound s = GFLOP / matmul GFLOP/s; x bound = ours s / bound s; (busy): other "
+        "processes kept > 0.25 cores busy while that row was timed."
     )
+
+
+def print_profiles(report: dict) -> None:
+    for r in report["results"]:
+        if not r.get("top_ops"):
+            continue
+        print(
+            f"\n{r['setting']} {r.get('impl', 'ours')} ({r['backend_used']}): top ops by self time"
+        )
+        for o in r["top_ops"]:
+            print(
+                f"  {o['op']:<40} {o['self_ms']:10.1f} ms {100 * o['share']:5.1f}% {o['calls']:7d} calls"
+            )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", default=",".join(MAIN), help="comma list, or 'all'")
     p.add_argument("--device", default="all", choices=["all", "auto", "cpu", "cuda"])
-    p.add_argument("--backend", default="auto", choices=["auto", "loop", "vmap", "both"])
-    p.add_argument("--iters", type=int, default=5, help="timed meta-iterations per setting")
-    p.add_argument("--warmup", type=int, default=2, help="untimed meta-iterations first")
+    p.add_argument("--backend", default="auto", choices=["auto", "loop", "vmap", "groups", "both"])
+    p.add_argument("--iters", type=int, default=5, help="timed units per setting")
+    p.add_argument("--warmup", type=int, default=2, help="untimed units first")
+    p.add_argument(
+        "--baselines",
+        default="naive,authors",
+        help="comma list of naive, authors ('' for none); authors needs --authors-dir",
+    )
+    p.add_argument(
+        "--authors-dir",
+        help="a checkout of github.com/AntreasAntoniou/HowToTrainYourMAMLPytorch to time "
+        "beside the MAML++ settings",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile one more unit of each row with torch.profiler; print its top N ops",
+    )
     p.add_argument("--out", default="bench.json", help="JSON report path ('-' for stdout)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
     p.add_argument(
@@ -529,19 +679,31 @@ def main(argv=None) -> int:
         device = torch.device(dev)
         setup_device(device)
         machines[dev] = machine(device, threads)
+    baselines = [b for b in args.baselines.split(",") if b]
+    if "authors" in baselines and not args.authors_dir:
+        baselines.remove("authors")
+    if args.authors_dir and not (Path(args.authors_dir) / "few_shot_learning_system.py").exists():
+        p.error(f"--authors-dir {args.authors_dir} holds no few_shot_learning_system.py")
     results = []
     for name in names:
         for dev in devices:
-            for backend in backends:
+            runs = [("ours", backend) for backend in backends]
+            runs += [(b, "-") for b in baselines if dev == "cpu"]
+            for impl, backend in runs:
+                if impl == "authors" and name not in AUTHORS_SETTINGS:
+                    continue  # their code runs MAML++ at epoch 0 (see AUTHORS_SETTINGS)
                 job = {
                     "setting": name,
+                    "impl": impl,
                     "device": dev,
-                    "backend": backend,
+                    "backend": "auto" if backend == "-" else backend,
                     "threads": threads,
                     "iters": args.iters,
                     "warmup": args.warmup,
                     "flops": not args.no_flops,
                     "overrides": args.overrides,
+                    "authors_dir": args.authors_dir,
+                    "profile": args.profile,
                 }
                 for attempt in range(args.retry_busy + 1):
                     if args.wait_idle > 0 and dev == "cpu":
@@ -550,12 +712,14 @@ def main(argv=None) -> int:
                     if not r.get("contended"):
                         break
                 results.append(r)
-                shown = r.get("error") or f"{r['s_per_iter']:.3f} s/iter ({r['backend_used']})"
-                print(f"{name} {dev} {backend}: {shown}", file=sys.stderr, flush=True)
+                shown = r.get("error") or f"{r['s_per_iter']:.3f} s ({r['backend_used']})"
+                print(f"{name} {impl} {dev} {backend}: {shown}", file=sys.stderr, flush=True)
+    add_ratios(results)
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machines": machines,
+        "contended": any(r.get("contended") for r in results),
         "results": results,
     }
     text = json.dumps(report, indent=2)
@@ -564,6 +728,8 @@ def main(argv=None) -> int:
     else:
         Path(args.out).write_text(text + "\n")
     print_table(report)
+    if args.profile:
+        print_profiles(report)
     return 0
 
 

@@ -10,7 +10,8 @@ seeds, the sample std across seeds and the mean of the per-run 95% CIs; the batc
 test and the number of seeds. Unfinished and failed cells get a row each. With --evals, each
 re-evaluation made by metatrain-eval (RUN_DIR/eval/*.json) is a row too, seeds aggregated the
 same way. The table goes to stdout and to summary.md, the same rows to summary.csv, both in
-SWEEP_DIR or in --out DIR.
+SWEEP_DIR or in --out DIR. Figures of the same runs
+(learning curves, test accuracy with CIs): scripts/plot.py SWEEP_DIR, or make plot SWEEP=SWEEP_DIR.
 """
 
 import argparse
@@ -76,6 +77,11 @@ MD_COLUMNS = [
 def paper_method(label: str, bn: str) -> str | None:
     """The published table row that a run with this label and test BN mode reproduces."""
     return PAPER_METHOD.get((label, bn))
+
+
+def published(label: str, bn: str, task: str) -> str | None:
+    """The published number (text) for an algorithm label, test BN mode and task."""
+    return PUBLISHED.get((paper_method(label, bn), task))
 
 
 def task_name(cfg: dict, ways=None, shots=None) -> str:
@@ -197,7 +203,7 @@ def _std(values: list) -> float | None:
 def make_row(runs: list[dict]) -> dict:
     first = runs[0]
     method, task = first["method"], first["task"]
-    paper = PUBLISHED.get((paper_method(method, first["bn"]), task))
+    paper = published(method, first["bn"], task)
     paper_acc, paper_ci = paper_numbers(paper)
     row = {"method": method, "task": task, "bn_eval": first["bn"], "source": first["source"],
            "overrides": "; ".join(dict.fromkeys(r["overrides"] for r in runs)),
@@ -320,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return fail(f"cannot write to {out} ({e.strerror}); choose another folder with --out DIR")
     print(f"wrote {out / 'summary.md'} and {out / 'summary.csv'}", file=sys.stderr)
+    print(f"figures: python scripts/plot.py {args.sweep_dir}", file=sys.stderr)
     return 0
 
 

@@ -154,11 +154,12 @@ SWITCHES = [{}, {"msl": True, "lslr": True, "bnwb": True, "bnrs": True}]
 def test_backends_agree_with_negative_gammas(first_order, switches):
     batch = random_tasks(tasks=3)
     grads = {}
-    for backend in ("loop", "vmap"):
+    for backend in ("loop", "vmap", "groups"):
         lrn = make(backend, negative=True, first_order=first_order, **switches)
         grads[backend] = meta_grad(lrn, batch)
-    torch.testing.assert_close(grads["loop"][0], grads["vmap"][0], rtol=0, atol=1e-10)
-    torch.testing.assert_close(grads["loop"][1], grads["vmap"][1], rtol=0, atol=1e-10)
+    for other in ("vmap", "groups"):
+        torch.testing.assert_close(grads["loop"][0], grads[other][0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(grads["loop"][1], grads[other][1], rtol=0, atol=1e-10)
 
 
 def test_chunked_vmap_equals_unchunked():
@@ -182,8 +183,10 @@ def test_predict_agrees_across_backends():
     batch = random_tasks(tasks=3)
     loop = make("loop", eval_steps=3).predict(batch)
     vmap = make("vmap", eval_steps=3).predict(batch)
+    groups = make("groups", eval_steps=3).predict(batch)
     assert loop.shape == (3, 9, 3)
     torch.testing.assert_close(loop, vmap, rtol=0, atol=1e-10)
+    torch.testing.assert_close(loop, groups, rtol=0, atol=1e-10)
 
 
 def test_bf16_autocast_stays_close_to_float32():

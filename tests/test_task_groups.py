@@ -113,7 +113,7 @@ def test_reptile_evaluation_and_meta_step_equal_the_per_task_loop(optimizer):
 def test_auto_picks_groups_for_first_order_passes_on_cpu_only():
     assert pick_backend("auto", CPU, False, 10**9, groups_ok=True) == "groups"
     assert pick_backend("auto", torch.device("cuda"), False, 1, groups_ok=True) == "vmap"
-    # Asked for where it cannot run (MAML's meta-training): the auto rule.
-    assert pick_backend("groups", CPU, True, 10**9) == "loop"
+    assert pick_backend("groups", CPU, True, 10**9) == "groups"  # asked for: given
+    assert maml("auto").backend(True) == "loop"  # meta-training: the size rule
     assert reptile("auto").backend() == "groups"
     assert maml("auto")._eval_groups()

@@ -59,9 +59,7 @@ def pick_backend(
 ) -> str:
     """`loop`, `vmap` or `groups` for `requested` in auto|loop|vmap|groups.
 
-    `groups_ok`: the caller can run the pass as channel groups (models/task_groups.py:
-    evaluation and Reptile's inner loops, whose steps are first order); `groups`
-    asked for where it cannot be used falls back to the auto rule.
+    `groups_ok`: auto may pick channel groups (models/task_groups.py) for this pass.
 
     auto: vmap on CUDA, where a per-task loop is launch-bound; on CPU groups where
     possible (measured faster than both others for evaluation: Reptile Omniglot
@@ -70,8 +68,6 @@ def pick_backend(
     None if unknown) is at most VMAP_CPU_MAX_PIXELS, else the loop. The derivative
     order does not change the choice (both orders measured).
     """
-    if requested == "groups" and not groups_ok:
-        requested = "auto"
     if requested != "auto":
         return requested
     if device.type == "cuda":

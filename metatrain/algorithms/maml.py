@@ -22,8 +22,8 @@ from torch import nn
 
 from metatrain.algorithms import MetaLearner
 from metatrain.algorithms.inner import GRADS, SpeedOptions, pick_backend
+from metatrain.algorithms.maml_groups import run_tasks
 from metatrain.data.tasks import TaskBatch
-from metatrain.models import task_groups
 from metatrain.models.conv4 import to_channels_last
 
 
@@ -105,7 +105,10 @@ class Maml(MetaLearner):
         """The execution backend for a task batch: train.backend, or with `auto` the
         faster one for this device and this size of inner-loop batch."""
         pixels = None if batch is None else batch.xs[0].numel() // batch.xs.shape[2]
-        return pick_backend(self.train_cfg.backend.value, self.device, second_order, pixels)
+        requested = self.train_cfg.backend.value
+        if requested == "groups" and self.speed.amp_bf16:
+            requested = "auto"  # groups run without autocast
+        return pick_backend(requested, self.device, second_order, pixels, groups_ok=False)
 
     # -- one task -----------------------------------------------------------
 
@@ -181,7 +184,9 @@ class Maml(MetaLearner):
         for i in range(0, n, chunk):
             args = (xs[i : i + chunk], batch.ys[i : i + chunk], xq[i : i + chunk])
             args = (*args, batch.yq[i : i + chunk])
-            if backend == "loop":
+            if backend == "groups":
+                out = run_tasks(self, params, *args, steps, weights, create_graph, running)
+            elif backend == "loop":
                 out = [x.unsqueeze(0) for x in one(*(a[0] for a in args))]
             else:
                 out = torch.func.vmap(one, randomness="error")(*args)
@@ -222,9 +227,7 @@ class Maml(MetaLearner):
 
     def predict(self, batch: TaskBatch) -> torch.Tensor:
         steps = self.cfg.eval_steps
-        if self._eval_groups():
-            return self._predict_groups(batch, steps)
-        backend = self.backend(False, batch)
+        backend = "groups" if self._eval_groups() else self.backend(False, batch)
         params = {n: p.detach() for n, p in self.model.params().items()}
         out = self._tasks(
             batch, params, steps, [0.0] * steps, False, backend, self.bn_running, backward=False
@@ -240,19 +243,6 @@ class Maml(MetaLearner):
             return False
         requested = self.train_cfg.backend.value
         return pick_backend(requested, self.device, False, groups_ok=True) == "groups"
-
-    @torch.no_grad()
-    def _predict_groups(self, batch: TaskBatch, steps: int) -> torch.Tensor:
-        """predict() for the whole batch at once: the same SGD steps on stacked
-        per-task parameters (tasks, *shape); query logits after the last step."""
-        running = self.bn_running
-        fast = task_groups.stack(self.model.params(), len(batch))
-        for i in range(steps):
-            grads, _ = task_groups.grads(
-                self.model, fast, self.adapted, batch.xs, batch.ys, step=i, running=running
-            )
-            fast.update({n: self._sgd(fast[n], grads[n], n, i) for n in self.adapted})
-        return task_groups.forward(self.model, fast, batch.xq, step=steps - 1, running=running)[0]
 
     # -- checkpoints ----------------------------------------------------------
 
