@@ -49,11 +49,13 @@ repro-miniimagenet: install ## every MiniImageNet row of the published tables; t
 	$(METATRAIN) -m 'experiment=glob(*_miniimagenet_*)' seed=$(SEEDS) sweep_name=repro-miniimagenet $(ARGS)
 	$(PY) scripts/summarize.py outputs/multirun/repro-miniimagenet
 
-ablation-mamlpp: install ## MAML++ switches added to MAML and removed from MAML++, one at a time
+ablation-mamlpp: install ## MAML++ switches added to MAML and removed from MAML++, one at a time; BNRS under running statistics
 	$(METATRAIN) experiment=ablation_maml_plus_one $(ARGS)
 	$(METATRAIN) experiment=ablation_mamlpp_minus_one $(ARGS)
+	$(METATRAIN) experiment=ablation_bnrs $(ARGS)
 	$(PY) scripts/summarize.py outputs/multirun/ablation-maml-plus-one
 	$(PY) scripts/summarize.py outputs/multirun/ablation-mamlpp-minus-one
+	$(PY) scripts/summarize.py outputs/multirun/ablation-bnrs
 
 summarize: install ## table of a sweep beside the published numbers: make summarize SWEEP=outputs/multirun/NAME
 	$(PY) scripts/summarize.py $(SWEEP)

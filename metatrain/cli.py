@@ -5,6 +5,7 @@ multirun a failed cell writes error.txt in its directory and the sweep goes on.
 """
 
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -13,9 +14,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 from rich.syntax import Syntax
 
+from metatrain import interrupt, sweep
 from metatrain.config import register_schemas
 from metatrain.errors import MetatrainError
-from metatrain.files import is_writable_dir
+from metatrain.files import is_writable_dir, remove_if_nothing_kept
 from metatrain.keys import exclude_keys
 
 # conf/ sits beside the package (editable install); an absolute path keeps Hydra
@@ -38,8 +40,14 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+# The first folder of a single run's output path that did not exist before it: what
+# to remove if the run fails before its first iteration.
+_created: dict[str, Path | None] = {"root": None}
+
+
 class OutputDirCheck(Callback):
-    """Refuse an unwritable output directory before Hydra tries to create it."""
+    """Refuse an unwritable output directory before Hydra tries to create it; at the
+    end of a sweep, one line for the cells that did not finish (non-zero exit)."""
 
     def _check(self, config, key: str) -> None:
         HydraConfig.instance().set_config(config)
@@ -49,12 +57,45 @@ class OutputDirCheck(Callback):
             probe = probe.parent
         if not (is_writable_dir(probe) if probe.is_dir() else False):
             _fail(f"cannot write to the output directory {path}; choose another with {key}=...")
+        if probe != path:
+            missing = path.absolute()
+            while not missing.parent.exists():
+                missing = missing.parent
+            _created["root"] = missing
 
     def on_run_start(self, config, **kwargs) -> None:
         self._check(config, "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs) -> None:
         self._check(config, "hydra.sweep.dir")
+        sweep.begin()
+        if _is_parallel(config.hydra):  # workers stop their own cells; this process waits
+            interrupt.install(immediate=False, forward=True)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        signum = interrupt.requested()
+        if signum is not None:
+            stopped = [
+                f"{name} {o['status'].split(';')[0]}"
+                for name, o in sweep.outcomes(sweep_dir).items()
+                if o["status"].startswith("interrupted")
+            ]
+            where = f" ({', '.join(stopped)})" if stopped else ""
+            print(
+                f"metatrain: interrupted{where}; run the same command again to resume",
+                file=sys.stderr,
+            )
+            sys.exit(128 + signum)
+        failed = sweep.report(sweep_dir)
+        if failed is not None:
+            print(f"metatrain: error: {failed[0]}", file=sys.stderr)
+            sys.exit(failed[1])
+
+
+def _is_parallel(hydra_cfg) -> bool:
+    """Whether cells run in worker processes of this machine (the joblib launcher)."""
+    return "joblib" in str(OmegaConf.select(hydra_cfg, "launcher._target_", default=""))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -65,21 +106,57 @@ def run(cfg) -> float | None:
     from metatrain.logging import console
     from metatrain.train import run_dir_of, train
 
-    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode.name == "MULTIRUN"
+    worker = multirun and _is_parallel(hydra_cfg)
+    # Here too, not only in main(): Slurm jobs and worker processes start elsewhere.
+    fresh = interrupt.install(immediate=not worker)
+    run_dir = run_dir_of(cfg)
+    if multirun:
+        sweep.record(run_dir, "started")
     console.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", background_color="default"))
     try:
         results = train(cfg)
+    except interrupt.Interrupted as e:
+        if multirun or _created["root"] is not None:  # never a folder the user had
+            remove_if_nothing_kept(run_dir, None if multirun else _created["root"])
+        if multirun:
+            sweep.record(run_dir, str(e))
+        if worker:  # the launching process reports and exits once every cell stopped
+            console.print(f"[yellow]metatrain: {e}")
+            return None
+        interrupt.exit_after(e)  # under Slurm: submitit requeues the cell from here
     except MetatrainError as e:
         if not multirun:
+            if _created["root"] is not None:
+                remove_if_nothing_kept(run_dir, _created["root"])
             _fail(str(e))
-        (run_dir_of(cfg) / "error.txt").write_text(f"{e}\n")
+        (run_dir / "error.txt").write_text(f"{e}\n")
+        sweep.record(run_dir, f"failed: {e}", user_error=True)
         console.print(f"[red]metatrain: error: {e}")
         return None
+    except Exception as e:
+        if not multirun:
+            raise
+        # The sweep goes on; the cell keeps the whole traceback.
+        (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        sweep.record(run_dir, f"failed: {type(e).__name__}: {e}")
+        console.print_exception()
+        return None
+    finally:
+        if fresh and not worker:
+            interrupt.uninstall()
+    if multirun:
+        sweep.record(run_dir, "finished")
     return results["test"]["acc"]
 
 
 def main() -> None:
-    run()
+    interrupt.install()
+    try:
+        run()
+    except interrupt.Interrupted as e:  # before or after a run's own handling
+        interrupt.exit_after(e)
 
 
 if __name__ == "__main__":

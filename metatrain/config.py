@@ -31,14 +31,9 @@ class BNEval(Enum):
     running = "running"  # use running statistics (per inner step under bnrs)
 
 
-class Downsample(Enum):
-    pool = "pool"  # 2x2 max-pool after each block (MAML++, Reptile, MiniImageNet)
-    stride = "stride"  # stride-2 convolutions (MAML's Omniglot network)
-
-
-class InnerOptimizer(Enum):
-    adam = "adam"
-    sgd = "sgd"
+class NonFinite(Enum):
+    stop = "stop"  # end the run at the first non-finite meta-loss or meta-gradient
+    skip = "skip"  # undo that step and go on (train.nonfinite_patience in a row: stop)
 
 
 class TestFrom(Enum):
@@ -55,44 +50,6 @@ class AlgorithmConfig:
 
 
 @dataclass
-class MamlConfig(AlgorithmConfig):
-    """MAML, FOMAML and MAML++ are presets of this one schema."""
-
-    name: str = "maml"
-    first_order: bool = False
-    inner_lr: float = 0.4
-    train_steps: int = 1
-    eval_steps: int = 3
-    # MAML++ switches (Antoniou et al. 2019), each independent.
-    msl: bool = False  # multi-step loss
-    msl_epochs: int = 10
-    da: bool = False  # derivative-order annealing
-    da_epochs: int = 50
-    bnrs: bool = False  # per-step batch-norm running statistics
-    bnwb: bool = False  # per-step batch-norm weights and biases
-    lslr: bool = False  # learned per-layer per-step inner learning rates
-    ca: bool = False  # cosine annealing of the meta learning rate
-    min_lr: float = 1e-5
-
-
-@dataclass
-class ReptileConfig(AlgorithmConfig):
-    name: str = "reptile"
-    meta_batch: int = 5
-    meta_lr: float = 0.0  # unused: Reptile steps with meta_step below
-    inner_optimizer: InnerOptimizer = InnerOptimizer.adam
-    inner_lr: float = 1e-3
-    inner_batch: int = 10
-    inner_iters: int = 5
-    train_shots: int = 10  # examples per class drawn for each meta-training task
-    meta_step: float = 1.0  # eps at the first iteration
-    meta_step_final: float = 0.0  # eps at the last iteration (linear in between)
-    eval_iters: int = 50
-    eval_batch: int = 5
-    serial: bool = False  # update phi after each task (Algorithm 1) instead of averaging
-
-
-@dataclass
 class DatasetConfig:
     name: str = MISSING
     root: str | None = None  # else $METATRAIN_DATA/<name>, else ~/.cache/metatrain/<name>
@@ -106,38 +63,10 @@ class DatasetConfig:
 
 
 @dataclass
-class OmniglotConfig(DatasetConfig):
-    name: str = "omniglot"
-    image_size: int = 28
-    channels: int = 1
-    mean: list[float] = field(default_factory=lambda: [0.0])
-    std: list[float] = field(default_factory=lambda: [1.0])
-    download: bool = True
-    rotations: bool = True  # 90/180/270 degree rotations as new meta-training classes
-    # MAML++: each class of a meta-training task turned by a random multiple of 90
-    # degrees, drawn per task (not new classes; validation and test never rotated)
-    augment_rotation: bool = False
-    split_seed: int = 0
-    train_classes: int = 1100
-    val_classes: int = 100  # the remaining 423 characters are the test classes
-
-
-@dataclass
-class MiniImageNetConfig(DatasetConfig):
-    name: str = "miniimagenet"
-    image_size: int = 84
-    channels: int = 3
-    queries: int = 15
-    mean: list[float] = field(default_factory=lambda: [0.4721, 0.4533, 0.4100])
-    std: list[float] = field(default_factory=lambda: [0.2772, 0.2677, 0.2845])
-    layout: str = "auto"  # auto | csv | folders | pickle
-
-
-@dataclass
 class ModelConfig:
-    name: str = "conv4"
-    filters: int = 64
-    downsample: Downsample = Downsample.pool
+    """What every backbone's schema has (models/<name>.py extends it)."""
+
+    name: str = MISSING
     bn_eval: BNEval = BNEval.batch
     bn_momentum: float = 0.1
 
@@ -170,6 +99,8 @@ class TrainConfig:
     amp_bf16: bool = False  # bf16 autocast of the task computation
     compile: bool = False  # torch.compile the model for passes differentiated once
     cuda_graphs: bool = False  # CUDA: compile in reduce-overhead mode (CUDA graphs)
+    nonfinite: NonFinite = NonFinite.stop  # what a NaN/inf meta-loss or meta-gradient does
+    nonfinite_patience: int = 10  # skips in a row after which `skip` stops too
 
 
 @dataclass
@@ -186,7 +117,7 @@ class EvalConfig:
 class Config:
     algorithm: Any = MISSING
     dataset: Any = MISSING
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = MISSING
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -196,11 +127,14 @@ class Config:
 
 
 def register_schemas() -> None:
+    """The root and logger schemas, and `<name>_schema` for each registered learner,
+    backbone and dataset reader (metatrain/registry.py)."""
+    from metatrain.registry import ALL
+
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    cs.store(group="algorithm", name="maml_schema", node=MamlConfig)
-    cs.store(group="algorithm", name="reptile_schema", node=ReptileConfig)
-    cs.store(group="dataset", name="omniglot_schema", node=OmniglotConfig)
-    cs.store(group="dataset", name="miniimagenet_schema", node=MiniImageNetConfig)
-    cs.store(group="model", name="conv4_schema", node=ModelConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    for registry in ALL:
+        for entry in registry.entries():
+            if entry.schema is not None:
+                cs.store(group=registry.group, name=f"{entry.name}_schema", node=entry.schema)

@@ -1,10 +1,14 @@
-"""Pick and load the configured dataset, resolving where its files live."""
+"""Find the configured dataset's reader (metatrain.registry.DATASETS) and its files.
+
+A reader is registered as `reader(dataset_cfg, root) -> FewShotSplits` by its
+module in metatrain/data/, with the schema of conf/dataset/<name>.yaml.
+"""
 
 import os
 from pathlib import Path
 
 from metatrain.data import FewShotSplits
-from metatrain.errors import MetatrainError
+from metatrain.registry import DATASETS
 
 
 def dataset_root(cfg) -> Path:
@@ -17,16 +21,4 @@ def dataset_root(cfg) -> Path:
 
 
 def load_splits(cfg) -> FewShotSplits:
-    root = dataset_root(cfg)
-    if cfg.name == "omniglot":
-        from metatrain.data.omniglot import load_omniglot_images, split_omniglot
-
-        images, names = load_omniglot_images(root, cfg.image_size, cfg.download)
-        return split_omniglot(
-            images, names, cfg.split_seed, cfg.train_classes, cfg.val_classes, cfg.rotations
-        )
-    if cfg.name == "miniimagenet":
-        from metatrain.data.miniimagenet import load_miniimagenet
-
-        return load_miniimagenet(root, cfg.image_size, cfg.layout)
-    raise MetatrainError(f"unknown dataset {cfg.name!r}; use dataset=omniglot or miniimagenet")
+    return DATASETS.get(cfg.name).target(cfg, dataset_root(cfg))

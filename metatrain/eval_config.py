@@ -14,22 +14,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from metatrain.config import (
-    Config,
-    MamlConfig,
-    MiniImageNetConfig,
-    OmniglotConfig,
-    ReptileConfig,
-)
+from metatrain.config import Config
 from metatrain.errors import MetatrainError
 from metatrain.keys import is_eval_key, is_non_math
 
 SPLITS = ("test", "val")
 
-_SCHEMAS = {
-    "algorithm": {"maml": MamlConfig, "reptile": ReptileConfig},
-    "dataset": {"omniglot": OmniglotConfig, "miniimagenet": MiniImageNetConfig},
-}
 _ABSENT = object()
 
 
@@ -44,13 +34,17 @@ class EvalSetup:
 
 def typed(data: dict):
     """A composed config as plain data -> the typed OmegaConf config of its schemas."""
+    from metatrain.registry import ALL  # each group's schema by name
+
     cfg = OmegaConf.structured(Config)
     try:
-        for group, schemas in _SCHEMAS.items():
-            name = (data.get(group) or {}).get("name")
-            if name not in schemas:
-                raise MetatrainError(f"the run's {group}.name={name!r} is not one metatrain knows")
-            cfg[group] = OmegaConf.structured(schemas[name])
+        for registry in ALL:
+            name = (data.get(registry.group) or {}).get("name")
+            if name not in registry or registry.get(name).schema is None:
+                raise MetatrainError(
+                    f"the run's {registry.group}.name={name!r} is not one metatrain knows"
+                )
+            cfg[registry.group] = OmegaConf.structured(registry.get(name).schema)
         return OmegaConf.merge(cfg, data)
     except OmegaConfBaseException as e:
         raise MetatrainError(f"the run's config does not fit this metatrain: {_first_line(e)}")

@@ -18,8 +18,8 @@ Rules where the protocol differs from training:
   weights and biases, BNRS running statistics): step i >= T (T = train_steps)
   uses row T - 1, the last trained step's tensors. Those were learned for the
   step that ends adaptation, closest to the state later steps continue from;
-  the network indexes every per-step tensor so (models/conv4.py,
-  algorithms/maml.py).
+  every per-step tensor is indexed so (step_row in models/backbone.py,
+  InnerRates in algorithms/maml.py).
 """
 
 from pathlib import Path
@@ -111,7 +111,8 @@ def protocol(setup: EvalSetup) -> dict:
 
 def evaluate_run(run_dir: Path, overrides: list[str], log=print) -> tuple[Path, dict]:
     """Meta-test the run in `run_dir` under `overrides`; write and return its record."""
-    from metatrain.train import build_model, resolve_device  # torch-heavy; after arg checks
+    from metatrain.models import build_model  # torch-heavy: after the argument checks
+    from metatrain.train import resolve_device
 
     run_dir = Path(run_dir)
     state, saved = open_run(run_dir)

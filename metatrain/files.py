@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ def _replace_atomically(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; honour the user's umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -23,6 +25,12 @@ def _replace_atomically(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def save_torch(obj, path: Path) -> None:
@@ -46,3 +54,26 @@ def is_writable_dir(path: Path) -> bool:
             return True
     except OSError:
         return False
+
+
+def remove_if_nothing_kept(run_dir: Path, created: Path | None = None) -> bool:
+    """Delete a run directory that holds nothing but Hydra's files (.hydra/, logs),
+    as after a run that failed before its first iteration; then the folders up to
+    `created` (the first one this run made) if that left them empty."""
+    run_dir = Path(run_dir)
+    try:
+        entries = list(run_dir.iterdir())
+    except OSError:
+        return False
+    if any(e.name != ".hydra" and e.suffix != ".log" for e in entries):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if created is not None and run_dir.is_relative_to(created):
+        parent = run_dir.parent
+        while parent.is_relative_to(created):
+            try:
+                parent.rmdir()  # only if empty
+            except OSError:
+                break
+            parent = parent.parent
+    return True

@@ -22,6 +22,8 @@ NON_MATH_KEYS = (
     "train.amp_bf16",
     "train.compile",
     "train.cuda_graphs",
+    "train.nonfinite",  # guards: a finite run computes the same either way
+    "train.nonfinite_patience",
     "eval.batch",  # tasks adapted at once; each task's result is its own
 )
 

@@ -4,7 +4,8 @@
 are presets of one implementation), so it cannot tell them apart. The label
 here can: `maml`, `fomaml`, `mamlpp` or `reptile`, or, for any other set of
 MAML++ switches, the nearer preset and the switches that differ from it
-(`maml+lslr+msl`, `mamlpp-da`, `mamlpp+first_order`).
+(`maml+msl+lslr`, `mamlpp-da`, `mamlpp+first_order`). BNRS counts only under
+`model.bn_eval=running`, the one mode where per-step running statistics are read.
 
 Plain Python, no torch: scripts/summarize.py imports it.
 """
@@ -39,15 +40,15 @@ def algorithm_label(cfg) -> str:
     name = _text(_get(algo, "name"))
     if name != "maml":
         return name
-    on = [s for s in SWITCHES if _get(algo, s, False)]
+    # bnrs acts only where evaluation reads running statistics: under transductive
+    # evaluation (the published protocol) it changes nothing, so it does not count.
+    switches = [s for s in SWITCHES if s != "bnrs" or bn_mode(cfg) == "running"]
+    on = [s for s in switches if _get(algo, s, False)]
+    off = [s for s in switches if s not in on]
     first_order = bool(_get(algo, "first_order", False))
-    if len(on) == len(SWITCHES):
-        return "mamlpp+first_order" if first_order else "mamlpp"
-    if not on:
-        return "fomaml" if first_order else "maml"
-    off = [s for s in SWITCHES if s not in on]
-    # Name a partial set from the preset it is closer to (ties go to MAML).
-    if len(on) > len(off):
+    # Name a set from the preset it is closer to, first order counting as one more
+    # difference from MAML++ (ties go to MAML).
+    if len(off) + first_order < len(on):
         return "mamlpp" + "".join(f"-{s}" for s in off) + "+first_order" * first_order
     return ("fomaml" if first_order else "maml") + "".join(f"+{s}" for s in on)
 

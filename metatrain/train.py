@@ -9,18 +9,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metatrain import checkpoint, rng
-from metatrain.algorithms import build_learner
+from metatrain import checkpoint, interrupt, rng
+from metatrain.algorithms import build_learner, learner_class
 from metatrain.algorithms.inner import setup_device
 from metatrain.data.tasks import EpisodeSampler, FixedTasks
 from metatrain.datasets import load_splits
 from metatrain.errors import MetatrainError
 from metatrain.evaluate import evaluate
 from metatrain.files import is_writable_dir, save_json
+from metatrain.inert import inert_settings
 from metatrain.logging import RunLogger, console
 from metatrain.meta_test import describe, load_members, summary_metrics, test_block
-from metatrain.models.conv4 import Conv4
+from metatrain.models import build_model
 from metatrain.naming import algorithm_label
+from metatrain.nonfinite import NonFiniteGuard
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,21 +52,6 @@ def overrides_of() -> list[str]:
         return []
 
 
-def build_model(cfg, device: torch.device) -> Conv4:
-    a = cfg.algorithm
-    per_step = a.name == "maml"
-    return Conv4(
-        in_channels=cfg.dataset.channels,
-        ways=cfg.dataset.ways,
-        image_size=cfg.dataset.image_size,
-        filters=cfg.model.filters,
-        downsample=cfg.model.downsample.value,
-        bn_weight_steps=a.train_steps if per_step and a.bnwb else 0,
-        bn_stat_steps=a.train_steps if per_step and a.bnrs else 1,
-        bn_momentum=cfg.model.bn_momentum,
-    ).to(device)
-
-
 def _check_settings(cfg) -> None:
     t, a = cfg.train, cfg.algorithm
     positive = {
@@ -75,18 +62,7 @@ def _check_settings(cfg) -> None:
         "eval.val_tasks": cfg.eval.val_tasks,
         "eval.batch": cfg.eval.batch,
     }
-    if a.name == "maml":
-        positive.update(
-            {"algorithm.train_steps": a.train_steps, "algorithm.eval_steps": a.eval_steps}
-        )
-    else:
-        positive.update(
-            {
-                "algorithm.inner_iters": a.inner_iters,
-                "algorithm.inner_batch": a.inner_batch,
-                "algorithm.train_shots": a.train_shots,
-            }
-        )
+    positive.update({f"algorithm.{k}": a[k] for k in learner_class(a.name).positive_keys})
     for key, value in positive.items():
         if value < 1:
             raise MetatrainError(f"{key}={value} must be at least 1")
@@ -105,6 +81,8 @@ def train(cfg, run_dir: Path | None = None) -> dict:
     results_path = run_dir / "results.json"
     fingerprint = checkpoint.config_fingerprint(cfg)
     _check_settings(cfg)
+    for line in inert_settings(cfg):
+        console.print(f"[yellow]warning: {line}", highlight=False)
 
     # A finished run is known by its results.json alone, so a damaged last.pt cannot
     # make it look unfinished.
@@ -168,49 +146,57 @@ def train(cfg, run_dir: Path | None = None) -> dict:
                 "config": fingerprint,
                 "best": best,
                 "wall_time_s": wall,
+                "nonfinite_skips": guard.skipped,
                 "results": results,
             },
             last_path,
         )
 
     t = cfg.train
-    logger = RunLogger(cfg, run_dir, start, t.iterations, wall)
+    guard = NonFiniteGuard(learner, t.nonfinite, t.nonfinite_patience)
+    guard.skipped = resume.get("nonfinite_skips", 0) if resume is not None else 0
+    wall_before = wall  # this session's share of the wall time gives sec_per_iter
+    interrupt.reached(start)
+    with interrupt.deferred(start):  # from here a signal stops the loop between iterations
+        logger = RunLogger(cfg, run_dir, start, t.iterations, wall)
     try:
-        sums, n_sum, t0 = None, 0, time.perf_counter()
-        tick = t0
-        for it in range(start, t.iterations):
-            batch = samplers["train"].sample(cfg.algorithm.meta_batch, generator)
-            metrics = learner.meta_step(batch, it)
-            # Sum on device; .item() only at log time to avoid a sync per iteration.
-            step = torch.stack([metrics["loss"].detach(), metrics["acc"].detach()])
-            sums = step if sums is None else sums + step
-            n_sum += 1
-            done = it + 1
-            logger.advance(done)
-            if done % t.log_interval == 0 or done == t.iterations:
-                now = time.perf_counter()
-                loss, acc = (sums / n_sum).tolist()
-                logger.log(
-                    # Accuracy in percent, as val/acc and test/acc.
-                    {
-                        "train/loss": loss,
-                        "train/acc": 100 * acc,
-                        "time/iter_s": (now - tick) / n_sum,
-                    },
-                    step=done,
-                )
-                sums, n_sum, tick = None, 0, now
-            paused = time.perf_counter()  # validation and saving stay out of time/iter_s
-            if done % t.val_interval == 0 or done == t.iterations:
-                val = evaluate(learner, val_tasks, cfg.eval.batch)
-                logger.log({"val/acc": val["acc"], "val/acc_ci95": val["ci95"]}, step=done)
-                best = _keep_best(best, val["acc"], done, learner, ckpt_dir, t.keep_best)
-            if done % t.checkpoint_interval == 0 or done == t.iterations:
-                wall += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                save_last(done)
-            tick += time.perf_counter() - paused
-        wall += time.perf_counter() - t0
+        with interrupt.deferred(start):
+            sums, n_sum, t0 = None, 0, time.perf_counter()
+            tick, ticked = t0, start
+            for it in range(start, t.iterations):
+                batch = samplers["train"].sample(cfg.algorithm.meta_batch, generator)
+                metrics = guard.step(batch, it)  # None: a non-finite step, undone
+                if metrics is not None:
+                    # Sum on device; .item() only at log time: no sync per iteration.
+                    step = torch.stack([metrics["loss"].detach(), metrics["acc"].detach()])
+                    sums = step if sums is None else sums + step
+                    n_sum += 1
+                done = it + 1
+                logger.advance(done)
+                if done % t.log_interval == 0 or done == t.iterations:
+                    now = time.perf_counter()
+                    logged = {"time/iter_s": (now - tick) / (done - ticked)} | guard.metrics()
+                    if sums is not None:
+                        loss, acc = (sums / n_sum).tolist()
+                        # Accuracy in percent, as val/acc and test/acc.
+                        logged |= {"train/loss": loss, "train/acc": 100 * acc}
+                    logger.log(logged, step=done)
+                    sums, n_sum, tick, ticked = None, 0, now, done
+                paused = time.perf_counter()  # validation and saving stay out of time/iter_s
+                if done % t.val_interval == 0 or done == t.iterations:
+                    val = evaluate(learner, val_tasks, cfg.eval.batch)
+                    logger.log({"val/acc": val["acc"], "val/acc_ci95": val["ci95"]}, step=done)
+                    best = _keep_best(best, val["acc"], done, learner, ckpt_dir, t.keep_best)
+                saving = done % t.checkpoint_interval == 0 or done == t.iterations
+                if saving or interrupt.requested():
+                    wall += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    save_last(done)
+                tick += time.perf_counter() - paused
+                if interrupt.requested():
+                    raise interrupt.Interrupted(interrupt.requested(), done)
+            wall += time.perf_counter() - t0
+        interrupt.reached(t.iterations)
 
         members = load_members(best, cfg.eval.ensemble_top_k, ckpt_dir)
         test = test_block(
@@ -230,7 +216,10 @@ def train(cfg, run_dir: Path | None = None) -> dict:
             "best_val": {"acc": best[0][0], "iteration": best[0][1]} if best else None,
             "iterations": t.iterations,
             "wall_time_s": wall,
-            "sec_per_iter": wall / max(t.iterations - start, 1) if start < t.iterations else None,
+            "nonfinite_skips": guard.skipped,
+            "sec_per_iter": (wall - wall_before) / (t.iterations - start)
+            if start < t.iterations
+            else None,
             "device": str(device),
             "overrides": overrides_of(),
             "config": fingerprint,

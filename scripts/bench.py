@@ -281,7 +281,7 @@ def worker(job: dict) -> dict:
     from metatrain.algorithms import build_learner
     from metatrain.algorithms.inner import setup_device
     from metatrain.data.tasks import EpisodeSampler
-    from metatrain.train import build_model
+    from metatrain.models import build_model
 
     torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])
@@ -305,27 +305,19 @@ def worker(job: dict) -> dict:
     tasks = cfg.eval.batch if kind == "eval" else cfg.algorithm.meta_batch
     probe = sampler.sample(tasks, generator)
     info, picked = {}, impl
-    second = cfg.algorithm.name == "maml" and learner.second_order(iteration)
+    second = hasattr(learner, "second_order") and learner.second_order(iteration)
 
     if impl == "ours":
-        picked = job["backend"]
-        if kind == "eval":
+        evaluation = kind == "eval"
+        picked = learner.backend_for(probe, iteration, evaluation)
+        if evaluation:
             step = lambda: learner.predict(sampler.sample(tasks, generator))
-            if cfg.algorithm.name == "maml":
-                grouped = getattr(learner, "_eval_groups", lambda: False)()
-                picked = "groups" if grouped else learner.backend(False, probe)
-            else:
-                picked = learner.backend()
         else:
             step = lambda: learner.meta_step(sampler.sample(tasks, generator), iteration)
-            if cfg.algorithm.name == "maml":
-                picked = learner.backend(second, probe)
-            elif hasattr(learner, "backend"):
-                picked = learner.backend()
     elif impl == "naive":
         from bench_baselines import build_naive
 
-        weights = learner.step_weights(iteration) if cfg.algorithm.name == "maml" else None
+        weights = learner.step_weights(iteration) if hasattr(learner, "step_weights") else None
         step = build_naive(cfg, sampler, generator, kind, iteration, weights, second)
     else:
         from bench_baselines import build_authors

@@ -66,7 +66,7 @@ def main() -> int:
         env = {**os.environ, "METATRAIN_DATA": str(data_dir(Path(scratch)))}
         presets = f"experiment=glob({opts.only},exclude=ablation_*)"
         run(["-m", presets, *tiny, f"hydra.sweep.dir={out}/presets"], env)
-        for ablation in ("ablation_maml_plus_one", "ablation_mamlpp_minus_one"):
+        for ablation in sorted(p.stem for p in (REPO / "conf" / "experiment").glob("ablation_*")):
             if Path(opts.only).match(ablation) or opts.only == "*":
                 run([f"experiment={ablation}", *tiny, f"hydra.sweep.dir={out}/{ablation}"], env)
     cells = list(out.glob("*/*/results.json"))

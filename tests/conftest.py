@@ -9,9 +9,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from metatrain.algorithms.maml import MamlConfig
+from metatrain.algorithms.reptile import ReptileConfig
 from metatrain.cli import CONF_DIR
-from metatrain.config import MamlConfig, ReptileConfig, TrainConfig
-from metatrain.data.tasks import TaskBatch
+from metatrain.config import TrainConfig
+from metatrain.task_batch import TaskBatch
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -96,3 +96,16 @@ def test_finished_run_with_a_damaged_last_pt_stays_finished(tmp_path):
     # Under another config the same directory is refused, naming the difference.
     out = run_cli(*TINY, "algorithm.inner_lr=0.1", f"hydra.run.dir={tmp_path}", timeout=600)
     assert out.returncode == 2 and "algorithm.inner_lr: 0.4 -> 0.1" in out.stderr
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    from metatrain.files import save_json, save_torch
+
+    old = os.umask(0o027)
+    try:
+        save_json({"a": 1}, tmp_path / "r.json")
+        save_torch({"a": torch.zeros(1)}, tmp_path / "c.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o640

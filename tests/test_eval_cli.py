@@ -117,7 +117,7 @@ def test_ensemble_is_the_mean_of_the_members_query_logits(runs):
     from metatrain.algorithms import build_learner
     from metatrain.data.tasks import EpisodeSampler, FixedTasks
     from metatrain.datasets import load_splits
-    from metatrain.train import build_model
+    from metatrain.models import build_model
 
     run_dir, _ = runs("maml")
     _, record = evaluate_run(

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metatrain.algorithms.reptile import Reptile, minibatch_ids
-from metatrain.config import Backend, InnerOptimizer
+from metatrain.algorithms.reptile import InnerOptimizer, Reptile, minibatch_ids
+from metatrain.config import Backend
 from metatrain.models.conv4 import Conv4
 from tests.conftest import random_tasks, reptile_cfg, train_cfg
 

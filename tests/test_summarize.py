@@ -103,7 +103,16 @@ def test_seeds_of_one_config_form_one_row_with_mean_and_sample_std(tmp_path):
             None,
         ),
         (config(**dict.fromkeys(SWITCHES, True), first_order=True), "mamlpp+first_order", None),
-        (config(msl=True, da=True, bnrs=True), "maml+msl+da+bnrs", None),  # a tie: plain base
+        (config(msl=True, da=True, bnrs=True, bn_eval="running"), "maml+msl+da+bnrs", None),  # tie
+        # bnrs counts only where evaluation reads running statistics
+        (config(**{**dict.fromkeys(SWITCHES, True), "bnrs": False}), "mamlpp", "MAML++"),
+        (
+            config(**{**dict.fromkeys(SWITCHES, True), "bnrs": False}, bn_eval="running"),
+            "mamlpp-bnrs",
+            None,
+        ),
+        (config(msl=True, bnrs=True, bn_eval="running"), "maml+msl+bnrs", None),
+        (config(msl=True, bnrs=True), "maml+msl", None),
     ],
 )
 def test_method_label_and_published_row(cfg, name, paper):

@@ -13,6 +13,7 @@ import torch
 
 from metatrain.logging import _start_wandb
 from tests.conftest import REPO, TINY, make_cfg, metatrain_cmd, run_cli
+from tests.test_ablation_cells import sweep_cells
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
@@ -67,12 +68,16 @@ def test_killed_sweep_resumes_unfinished_cells_and_skips_finished(omniglot_data,
 
 def test_failed_cell_is_recorded_and_the_sweep_goes_on(omniglot_data, tmp_path):
     out = run_cli(
-        "-m", *TINY, "train.iterations=2", "dataset.shots=1,0", f"hydra.sweep.dir={tmp_path}"
+        "-m", *TINY, "train.iterations=2", "dataset.shots=0,1", f"hydra.sweep.dir={tmp_path}"
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    # Every cell ran (the failed one first), then one line lists the failures: exit 2.
     assert (cell(tmp_path, "dataset.shots=1") / "results.json").exists()
     error = (cell(tmp_path, "dataset.shots=0") / "error.txt").read_text()
     assert "at least 1 support example" in error
+    assert out.returncode == 2, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("metatrain: error: 1 of 2 cells did not finish (")
+    assert "dataset.shots=0" in line and "at least 1 support example" in line
 
 
 def test_cell_directories_are_named_by_their_overrides():
@@ -122,7 +127,9 @@ def test_experiment_presets_compose(name):
     assert cfg.dataset.ways in (5, 20) and cfg.dataset.shots in (1, 5)
     if name.startswith("mamlpp"):
         a = cfg.algorithm
-        assert all([a.msl, a.da, a.bnrs, a.bnwb, a.lslr, a.ca]) and cfg.eval.ensemble_top_k == 3
+        assert all([a.msl, a.da, a.bnwb, a.lslr, a.ca]) and cfg.eval.ensemble_top_k == 3
+        # transductive, as published, where bnrs cannot act (ablation_bnrs measures it)
+        assert not a.bnrs and cfg.model.bn_eval.value == "batch"
     if name.startswith(("mamlpp_omniglot", "ablation_")):
         # the authors' augmentation and split: per-task class rotation, 1150 / 50 / 423
         d = cfg.dataset
@@ -148,5 +155,32 @@ def test_every_preset_runs_two_iterations(omniglot_data, tmp_path):
     }
     presets = {f"experiment={n}" for n in EXPERIMENTS if not n.startswith("ablation_")}
     assert done == presets
-    for sweep in ("ablation_maml_plus_one", "ablation_mamlpp_minus_one"):
-        assert len(list((tmp_path / sweep).glob("*/results.json"))) == 7
+    for sweep in (n for n in EXPERIMENTS if n.startswith("ablation_")):
+        cells = len(sweep_cells(sweep))
+        assert len(list((tmp_path / sweep).glob("*/results.json"))) == cells, sweep
+
+
+def test_parallel_sweep_stops_every_cell_on_a_signal_to_the_launcher(omniglot_data, tmp_path):
+    args = ["-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", "seed=0,1"]
+    args += [*TINY, "model.filters=4", "train.iterations=400", "train.val_interval=2"]
+    args += ["train.checkpoint_interval=1000", f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.Popen(
+        [*metatrain_cmd(), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    deadline = time.time() + 900  # generous: a loaded machine can be slow
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(tmp_path.glob("*/checkpoints/best-*.pt"))) >= 2:
+            proc.send_signal(signal.SIGTERM)  # to the launching process only
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    line = err.decode().strip().splitlines()[-1]
+    assert line.startswith("metatrain: interrupted (") and line.endswith("again to resume")
+    for seed in ("seed=0", "seed=1"):
+        state = torch.load(cell(tmp_path, seed) / "checkpoints" / "last.pt", weights_only=True)
+        # saved where the cell stopped, not at a checkpoint interval
+        assert f"{seed}," in line and f"interrupted at iteration {state['iteration']}" in line

@@ -1,9 +1,15 @@
-"""Meta-learning algorithms behind one interface used by the run loop."""
+"""Meta-learning algorithms behind one interface used by the run loop.
+
+Each learner module registers its class and config schema in
+metatrain.registry.LEARNERS under the name that conf/algorithm/*.yaml gives as
+`name`; build_learner looks it up.
+"""
 
 import torch
 from torch import nn
 
-from metatrain.data.tasks import TaskBatch
+from metatrain.registry import LEARNERS
+from metatrain.task_batch import TaskBatch
 
 
 class MetaLearner:
@@ -16,6 +22,19 @@ class MetaLearner:
 
     net: nn.Module
     optimizer: torch.optim.Optimizer | None = None
+    # Integer keys of the algorithm's config that must be at least 1.
+    positive_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg, model, device: torch.device) -> "MetaLearner":
+        """The learner for the composed run config `cfg`, around `model`."""
+        raise NotImplementedError
+
+    @classmethod
+    def bn_steps(cls, algo_cfg) -> tuple[int, int]:
+        """Rows of batch-norm (affine parameters, running statistics) the backbone
+        needs: (0, 1) is shared (C,) parameters and one set of statistics."""
+        return 0, 1
 
     def meta_step(self, batch: TaskBatch, iteration: int) -> dict[str, torch.Tensor]:
         """One meta-update from a task batch; returns detached scalar metrics."""
@@ -23,6 +42,10 @@ class MetaLearner:
 
     def predict(self, batch: TaskBatch) -> torch.Tensor:
         """Adapt to each task's support set; query logits (tasks, ways*queries, ways)."""
+        raise NotImplementedError
+
+    def backend_for(self, batch: TaskBatch, iteration: int, evaluation: bool = False) -> str:
+        """The execution backend that meta_step (or, evaluating, predict) uses on batch."""
         raise NotImplementedError
 
     def train_shape(self, shots: int, queries: int) -> tuple[int, int]:
@@ -37,13 +60,9 @@ class MetaLearner:
         raise NotImplementedError
 
 
-def build_learner(cfg, model, device) -> MetaLearner:
-    from metatrain.algorithms.maml import Maml
-    from metatrain.algorithms.reptile import Reptile
+def learner_class(name: str) -> type[MetaLearner]:
+    return LEARNERS.get(name).target
 
-    name = cfg.algorithm.name
-    if name == "maml":
-        return Maml(cfg.algorithm, model, cfg.train, cfg.model.bn_eval.value, device)
-    if name == "reptile":
-        return Reptile(cfg.algorithm, model, cfg.train, cfg.model.bn_eval.value, device, cfg.seed)
-    raise ValueError(f"unknown algorithm {name}")
+
+def build_learner(cfg, model, device) -> MetaLearner:
+    return learner_class(cfg.algorithm.name).from_config(cfg, model, device)

@@ -16,6 +16,8 @@ with torch.autograd.grad, the batched backend with torch.func.grad under
 torch.func.vmap. Both give the same meta-gradient (tests/test_maml.py).
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,8 +25,31 @@ from torch import nn
 from metatrain.algorithms import MetaLearner
 from metatrain.algorithms.inner import GRADS, SpeedOptions, pick_backend
 from metatrain.algorithms.maml_groups import run_tasks
-from metatrain.data.tasks import TaskBatch
+from metatrain.config import AlgorithmConfig
 from metatrain.models.conv4 import to_channels_last
+from metatrain.registry import LEARNERS
+from metatrain.task_batch import TaskBatch
+
+
+@dataclass
+class MamlConfig(AlgorithmConfig):
+    """MAML, FOMAML and MAML++ are presets of this one schema."""
+
+    name: str = "maml"
+    first_order: bool = False
+    inner_lr: float = 0.4
+    train_steps: int = 1
+    eval_steps: int = 3
+    # MAML++ switches (Antoniou et al. 2019), each independent.
+    msl: bool = False  # multi-step loss
+    msl_epochs: int = 10
+    da: bool = False  # derivative-order annealing
+    da_epochs: int = 50
+    bnrs: bool = False  # per-step batch-norm running statistics
+    bnwb: bool = False  # per-step batch-norm weights and biases
+    lslr: bool = False  # learned per-layer per-step inner learning rates
+    ca: bool = False  # cosine annealing of the meta learning rate
+    min_lr: float = 1e-5
 
 
 def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
@@ -60,15 +85,31 @@ class InnerRates(nn.Module):
         return r[min(step, r.shape[0] - 1)]
 
 
+@LEARNERS.register("maml", MamlConfig)
 class Maml(MetaLearner):
+    positive_keys = ("train_steps", "eval_steps")
+
+    @classmethod
+    def from_config(cls, cfg, model, device):
+        return cls(cfg.algorithm, model, cfg.train, cfg.model.bn_eval.value, device)
+
+    @classmethod
+    def bn_steps(cls, algo_cfg) -> tuple[int, int]:
+        steps = algo_cfg.train_steps
+        return (steps if algo_cfg.bnwb else 0), (steps if algo_cfg.bnrs else 1)
+
     def __init__(self, cfg, model, train_cfg, bn_eval: str, device: torch.device):
         self.cfg, self.model, self.train_cfg = cfg, model, train_cfg
+        # Evaluation normalises with running statistics only under model.bn_eval=running;
+        # those are per inner step under BNRS (see README: running-statistic evaluation
+        # of a network meta-trained with batch statistics, and why it is not the default).
         self.bn_running = bn_eval == "running"
         self.device = device
         self.speed = SpeedOptions.from_config(train_cfg, device)
         params = model.params()
         # Per-step BN affine parameters are meta-learned only, never adapted (MAML++).
-        self.adapted = [n for n in params if not (cfg.bnwb and n.startswith("bn"))]
+        frozen = set(model.norm_names) if cfg.bnwb else set()
+        self.adapted = [n for n in params if n not in frozen]
         self.net = nn.ModuleDict({"model": model})
         if cfg.lslr:
             dtype = next(iter(params.values())).dtype
@@ -109,6 +150,11 @@ class Maml(MetaLearner):
         if requested == "groups" and self.speed.amp_bf16:
             requested = "auto"  # groups run without autocast
         return pick_backend(requested, self.device, second_order, pixels, groups_ok=False)
+
+    def backend_for(self, batch: TaskBatch, iteration: int, evaluation: bool = False) -> str:
+        if evaluation:
+            return "groups" if self._eval_groups() else self.backend(False, batch)
+        return self.backend(self.second_order(iteration), batch)
 
     # -- one task -----------------------------------------------------------
 
@@ -227,7 +273,7 @@ class Maml(MetaLearner):
 
     def predict(self, batch: TaskBatch) -> torch.Tensor:
         steps = self.cfg.eval_steps
-        backend = "groups" if self._eval_groups() else self.backend(False, batch)
+        backend = self.backend_for(batch, 0, evaluation=True)
         params = {n: p.detach() for n, p in self.model.params().items()}
         out = self._tasks(
             batch, params, steps, [0.0] * steps, False, backend, self.bn_running, backward=False

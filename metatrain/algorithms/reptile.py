@@ -14,6 +14,8 @@ groups of one network (groups, models/task_groups.py).
 """
 
 import math
+from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +23,33 @@ from torch import nn
 
 from metatrain.algorithms import MetaLearner
 from metatrain.algorithms.inner import GRADS, adam_step, pick_backend
-from metatrain.data.tasks import TaskBatch
+from metatrain.config import AlgorithmConfig
 from metatrain.models import task_groups
+from metatrain.registry import LEARNERS
+from metatrain.task_batch import TaskBatch
+
+
+class InnerOptimizer(Enum):
+    adam = "adam"
+    sgd = "sgd"
+
+
+@dataclass
+class ReptileConfig(AlgorithmConfig):
+    name: str = "reptile"
+    meta_batch: int = 5
+    meta_lr: float = 0.0  # unused: Reptile steps with meta_step below
+    inner_optimizer: InnerOptimizer = InnerOptimizer.adam
+    inner_lr: float = 1e-3
+    inner_batch: int = 10
+    inner_iters: int = 5
+    train_shots: int = 10  # examples per class drawn for each meta-training task
+    meta_step: float = 1.0  # eps at the first iteration
+    meta_step_final: float = 0.0  # eps at the last iteration (linear in between)
+    eval_iters: int = 50
+    eval_batch: int = 5
+    serial: bool = False  # update phi after each task (Algorithm 1) instead of averaging
+
 
 INNER_BETAS = (0.0, 0.999)  # beta1 = 0 as published: no momentum across minibatches
 
@@ -36,7 +63,14 @@ def minibatch_ids(n: int, iters: int, batch: int, generator: torch.Generator, ta
     return ids[:, : iters * batch].reshape(tasks, iters, batch)
 
 
+@LEARNERS.register("reptile", ReptileConfig)
 class Reptile(MetaLearner):
+    positive_keys = ("inner_iters", "inner_batch", "train_shots")
+
+    @classmethod
+    def from_config(cls, cfg, model, device):
+        return cls(cfg.algorithm, model, cfg.train, cfg.model.bn_eval.value, device, cfg.seed)
+
     def __init__(self, cfg, model, train_cfg, bn_eval: str, device: torch.device, seed: int = 0):
         self.cfg, self.model, self.train_cfg = cfg, model, train_cfg
         self.bn_running = bn_eval == "running"
@@ -62,6 +96,9 @@ class Reptile(MetaLearner):
         if self.cfg.inner_optimizer.value == "adam":
             return adam_step(p, g, m, v, step, lr, INNER_BETAS)
         return p - lr * g, m, v
+
+    def backend_for(self, batch: TaskBatch, iteration: int, evaluation: bool = False) -> str:
+        return self.backend()
 
     def _inner(self, params, xs, ys, ids, lr, grads_fn):
         """Train one task from params on minibatches xs[ids[i]]; returns W and the

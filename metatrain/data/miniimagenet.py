@@ -28,15 +28,18 @@ import os
 import pickle
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from metatrain.config import DatasetConfig
 from metatrain.data import FewShotSplits
 from metatrain.data.cache import cache_path, load_cache, store_cache
 from metatrain.errors import MetatrainError
+from metatrain.registry import DATASETS
 
 SPLITS = ("train", "val", "test")
 LAYOUTS = ("csv", "folders", "pickle")
@@ -48,6 +51,22 @@ HELP = (
     "mini-imagenet-cache-{train,val,test}.pkl; scripts/prepare_miniimagenet.py builds the "
     "first from an ImageNet train folder"
 )
+
+
+@dataclass
+class MiniImageNetConfig(DatasetConfig):
+    name: str = "miniimagenet"
+    image_size: int = 84
+    channels: int = 3
+    queries: int = 15
+    mean: list[float] = field(default_factory=lambda: [0.4721, 0.4533, 0.4100])
+    std: list[float] = field(default_factory=lambda: [0.2772, 0.2677, 0.2845])
+    layout: str = "auto"  # auto | csv | folders | pickle
+
+
+@DATASETS.register("miniimagenet", MiniImageNetConfig)
+def read_miniimagenet(cfg, root: Path) -> FewShotSplits:
+    return load_miniimagenet(root, cfg.image_size, cfg.layout)
 
 
 def packaged_classes(split: str) -> list[str]:

@@ -12,15 +12,18 @@ import hashlib
 import io
 import urllib.request
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from metatrain.config import DatasetConfig
 from metatrain.data import FewShotSplits
 from metatrain.data.cache import cache_path, fingerprint, load_cache, store_cache
 from metatrain.errors import MetatrainError
+from metatrain.registry import DATASETS
 
 PARTS = ("images_background", "images_evaluation")
 URLS = {
@@ -159,3 +162,28 @@ def split_omniglot(
         out.images["train"] = torch.cat([torch.rot90(train, k, dims=(-2, -1)) for k in range(4)])
         out.classes["train"] = [f"{c}@{90 * k}" for k in range(4) for c in out.classes["train"]]
     return out
+
+
+@dataclass
+class OmniglotConfig(DatasetConfig):
+    name: str = "omniglot"
+    image_size: int = 28
+    channels: int = 1
+    mean: list[float] = field(default_factory=lambda: [0.0])
+    std: list[float] = field(default_factory=lambda: [1.0])
+    download: bool = True
+    rotations: bool = True  # 90/180/270 degree rotations as new meta-training classes
+    # MAML++: each class of a meta-training task turned by a random multiple of 90
+    # degrees, drawn per task (not new classes; validation and test never rotated)
+    augment_rotation: bool = False
+    split_seed: int = 0
+    train_classes: int = 1100
+    val_classes: int = 100  # the remaining 423 characters are the test classes
+
+
+@DATASETS.register("omniglot", OmniglotConfig)
+def read_omniglot(cfg, root: Path) -> FewShotSplits:
+    images, names = load_omniglot_images(root, cfg.image_size, cfg.download)
+    return split_omniglot(
+        images, names, cfg.split_seed, cfg.train_classes, cfg.val_classes, cfg.rotations
+    )

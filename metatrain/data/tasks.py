@@ -13,27 +13,10 @@ precomputed pixel permutation, on device. Only `sample` rotates, which only
 meta-training calls: evaluation tasks (`FixedTasks`) are never rotated.
 """
 
-from dataclasses import dataclass
-
 import torch
 
 from metatrain.errors import MetatrainError
-
-
-@dataclass
-class TaskBatch:
-    xs: torch.Tensor  # (tasks, ways*shots, C, H, W) support inputs, normalised floats
-    ys: torch.Tensor  # (tasks, ways*shots) labels in [0, ways)
-    xq: torch.Tensor  # (tasks, ways*queries, C, H, W)
-    yq: torch.Tensor  # (tasks, ways*queries)
-
-    def __len__(self) -> int:
-        return self.xs.shape[0]
-
-    def task(self, t: int) -> "TaskBatch":
-        return TaskBatch(
-            self.xs[t : t + 1], self.ys[t : t + 1], self.xq[t : t + 1], self.yq[t : t + 1]
-        )
+from metatrain.task_batch import TaskBatch
 
 
 class EpisodeSampler:

@@ -8,11 +8,17 @@ weights (MAML++ BNWB), (steps, C); running statistics are (1, C) or, with
 per-step statistics (MAML++ BNRS), (steps, C). `step` picks the row.
 """
 
+from dataclasses import dataclass
+from enum import Enum
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metatrain.config import ModelConfig
+from metatrain.models.backbone import Backbone, step_row
 from metatrain.models.norm import EPS, batch_stats
+from metatrain.registry import BACKBONES
 
 BLOCKS = 4
 
@@ -178,7 +184,20 @@ def conv_block(
     return out, torch.stack([batch_mean, batch_var]).detach()
 
 
-class Conv4(nn.Module):
+class Downsample(Enum):
+    pool = "pool"  # 2x2 max-pool after each block (MAML++, Reptile, MiniImageNet)
+    stride = "stride"  # stride-2 convolutions (MAML's Omniglot network)
+
+
+@dataclass
+class Conv4Config(ModelConfig):
+    name: str = "conv4"
+    filters: int = 64
+    downsample: Downsample = Downsample.pool
+
+
+@BACKBONES.register("conv4", Conv4Config)
+class Conv4(Backbone):
     def __init__(
         self,
         in_channels: int,
@@ -194,38 +213,31 @@ class Conv4(nn.Module):
         super().__init__()
         self.downsample = downsample
         self.bn_momentum = bn_momentum
-        self.bn_weight_shape = (bn_weight_steps, filters) if bn_weight_steps else (filters,)
         c = in_channels
         for i in range(BLOCKS):
             w = torch.empty(filters, c, 3, 3)
             nn.init.xavier_uniform_(w)
             self.register_parameter(f"conv{i}.weight", nn.Parameter(w))
             self.register_parameter(f"conv{i}.bias", nn.Parameter(torch.zeros(filters)))
-            self.register_parameter(f"bn{i}.weight", nn.Parameter(torch.ones(self.bn_weight_shape)))
-            self.register_parameter(f"bn{i}.bias", nn.Parameter(torch.zeros(self.bn_weight_shape)))
-            self.register_buffer(f"bn{i}.running_mean", torch.zeros(bn_stat_steps, filters))
-            self.register_buffer(f"bn{i}.running_var", torch.ones(bn_stat_steps, filters))
+            self.add_norm(f"bn{i}", filters, bn_weight_steps, bn_stat_steps)
             c = filters
-        features = self._features(in_channels, image_size)
-        head = torch.empty(ways, features)
-        nn.init.xavier_uniform_(head)
-        self.register_parameter("head.weight", nn.Parameter(head))
-        self.register_parameter("head.bias", nn.Parameter(torch.zeros(ways)))
+        self.add_head(self._features(in_channels, image_size), ways)
 
-    def register_parameter(self, name, param):
-        # Dotted names keep the params dict flat and readable ("conv0.weight");
-        # nn.Module forbids dots, so store under a dot-free alias.
-        super().register_parameter(name.replace(".", "_"), param)
-
-    def register_buffer(self, name, tensor, persistent=True):
-        super().register_buffer(name.replace(".", "_"), tensor, persistent)
-
-    def params(self) -> dict[str, nn.Parameter]:
-        """The meta-learned parameters by dotted name, in a fixed order."""
-        return {n.replace("_", ".", 1): p for n, p in self.named_parameters()}
+    @classmethod
+    def from_config(cls, cfg, *, in_channels, ways, image_size, bn_weight_steps, bn_stat_steps):
+        return cls(
+            in_channels=in_channels,
+            ways=ways,
+            image_size=image_size,
+            filters=cfg.filters,
+            downsample=cfg.downsample.value,
+            bn_weight_steps=bn_weight_steps,
+            bn_stat_steps=bn_stat_steps,
+            bn_momentum=cfg.bn_momentum,
+        )
 
     def running_stats(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr(self, f"bn{i}_running_mean"), getattr(self, f"bn{i}_running_var")
+        return self.buffer(f"bn{i}.running_mean"), self.buffer(f"bn{i}.running_var")
 
     def _features(self, in_channels: int, image_size: int) -> int:
         with torch.no_grad():
@@ -236,13 +248,12 @@ class Conv4(nn.Module):
         stats = []
         stride = 2 if self.downsample == "stride" else 1
         for i in range(BLOCKS):
-            w, b = params[f"bn{i}.weight"], params[f"bn{i}.bias"]
-            if w.dim() == 2:  # per-step affine parameters: (steps, C) -> (C,)
-                w, b = w[min(step, w.shape[0] - 1)], b[min(step, b.shape[0] - 1)]
+            # per-step affine parameters and statistics: (steps, C) -> (C,)
+            w, b = step_row(params[f"bn{i}.weight"], step), step_row(params[f"bn{i}.bias"], step)
             mean = var = None
             if running:
                 rm, rv = self.running_stats(i)
-                mean, var = rm[min(step, rm.shape[0] - 1)], rv[min(step, rv.shape[0] - 1)]
+                mean, var = step_row(rm, step), step_row(rv, step)
             x, s = conv_block(
                 x,
                 params[f"conv{i}.weight"],
@@ -256,11 +267,6 @@ class Conv4(nn.Module):
             )
             stats.append(s)
         return x.flatten(1), torch.stack(stats)  # (N, features), (blocks, 2, C)
-
-    def forward(self, params, x, step: int = 0, running: bool = False):
-        """Logits (N, ways) and this batch's normalisation statistics (blocks, 2, C)."""
-        h, stats = self.trunk(params, x, step, running)
-        return F.linear(h, params["head.weight"], params["head.bias"]), stats
 
     @torch.no_grad()
     def update_running_stats(self, stats: torch.Tensor) -> None:
