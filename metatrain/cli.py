@@ -20,9 +20,19 @@ from metatrain.errors import MetatrainError
 from metatrain.files import is_writable_dir, remove_if_nothing_kept
 from metatrain.keys import exclude_keys
 
-# conf/ sits beside the package (editable install); an absolute path keeps Hydra
-# from reading it as a Python module path when started from the console script.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+def _conf_dir() -> str:
+    """conf/: inside the package when installed from a wheel (metatrain/conf), beside
+    it in a checkout or editable install. Absolute, so Hydra never reads it as a
+    Python module path."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise SystemExit(f"metatrain: error: config folder conf/ not found beside {here}")
+
+
+CONF_DIR = _conf_dir()
 
 register_schemas()
 # A run directory named after the run's overrides; "default" when there are none.
@@ -153,6 +163,19 @@ def run(cfg) -> float | None:
 
 def main() -> None:
     interrupt.install()
+    from hydra._internal.utils import get_args_parser
+
+    from metatrain import usage
+
+    args, _ = get_args_parser().parse_known_args()
+    try:
+        if args.help:
+            print(usage.help_text(CONF_DIR, args.overrides))
+            return
+        if not (args.hydra_help or args.info or args.shell_completion):
+            usage.check(CONF_DIR, args.overrides)
+    except MetatrainError as e:
+        _fail(str(e))
     try:
         run()
     except interrupt.Interrupted as e:  # before or after a run's own handling

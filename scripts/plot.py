@@ -1,6 +1,6 @@
 """Figures of metatrain runs from the files on disk (no W&B needed).
 
-    python scripts/plot.py SWEEP_OR_RUN_DIR [...] [--out DIR]
+    metatrain-plot SWEEP_OR_RUN_DIR [...] [--out DIR]     (or python scripts/plot.py ...)
 
 A run is any folder holding .hydra/config.yaml (as in summarize.py). Runs whose
 configs differ only in `seed` (and keys that do not change the maths) are one
@@ -24,7 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
-import summarize  # scripts/summarize.py: config grouping, names, published numbers
+from metatrain.scripts import summarize  # config grouping, names, published numbers
 
 try:
     import matplotlib

@@ -11,7 +11,7 @@ test and the number of seeds. Unfinished and failed cells get a row each. With -
 re-evaluation made by metatrain-eval (RUN_DIR/eval/*.json) is a row too, seeds aggregated the
 same way. The table goes to stdout and to summary.md, the same rows to summary.csv, both in
 SWEEP_DIR or in --out DIR. Figures of the same runs
-(learning curves, test accuracy with CIs): scripts/plot.py SWEEP_DIR, or make plot SWEEP=SWEEP_DIR.
+(learning curves, test accuracy with CIs): metatrain-plot SWEEP_DIR, or make plot SWEEP=SWEEP_DIR.
 """
 
 import argparse
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return fail(f"cannot write to {out} ({e.strerror}); choose another folder with --out DIR")
     print(f"wrote {out / 'summary.md'} and {out / 'summary.csv'}", file=sys.stderr)
-    print(f"figures: python scripts/plot.py {args.sweep_dir}", file=sys.stderr)
+    print(f"figures: metatrain-plot {args.sweep_dir}", file=sys.stderr)
     return 0
 
 

@@ -18,7 +18,7 @@ def final_state(run_dir):
 
 
 def test_help_lists_the_config_groups():
-    out = run_cli("--help", timeout=60)
+    out = run_cli("--help", timeout=600)
     assert out.returncode == 0
     for group in ("algorithm: ", "dataset: ", "model: ", "logger: ", "experiment: "):
         assert group in out.stdout
@@ -158,10 +158,35 @@ def test_checkpoint_from_another_config_is_refused(omniglot_data, tmp_path):
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
 
 
-def test_misspelled_key_fails_before_training(tmp_path):
-    out = run_cli(*TINY, "algorithm.inner_lrr=0.1", f"hydra.run.dir={tmp_path}")
-    assert out.returncode != 0 and "inner_lrr" in out.stderr
-    assert not (tmp_path / "checkpoints").exists()
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.iteratons=5", "unknown key train.iteratons; did you mean train.iterations?"),
+        ("algorithm=nosuch", "algorithm=nosuch is not an option (algorithm: fomaml, maml,"),
+        ("algorithm=mamlp", "did you mean mamlpp?"),
+        ("+train.iterations=5", "train.iterations exists: set it without the leading +"),
+        ("train.iterations=abc", "train.iterations: Value 'abc'"),
+    ],
+)
+def test_mistyped_overrides_get_one_line(tmp_path, override, fragment):
+    out = run_cli(*TINY, override, f"hydra.run.dir={tmp_path}/run", timeout=600)
+    one_line_error(out, fragment)
+    assert "+train.iteratons" not in out.stderr and "_schema" not in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_value_that_is_no_option_is_refused_before_any_cell(tmp_path):
+    out = run_cli("-m", *TINY, "algorithm=maml,nosuch", f"hydra.sweep.dir={tmp_path}", timeout=600)
+    one_line_error(out, "algorithm=nosuch is not an option")
+    assert not any(tmp_path.iterdir())
+
+
+def test_help_lists_real_options_of_every_group():
+    out = run_cli("--help", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "hydra/launcher: basic, joblib, local, slurm" in out.stdout
+    assert "algorithm: fomaml, maml, mamlpp, reptile\n" in out.stdout
+    assert "_schema" not in out.stdout
 
 
 def test_miniimagenet_runs_two_iterations(tmp_path):

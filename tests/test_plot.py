@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import sys
 
 import pytest
 import yaml
@@ -10,7 +9,6 @@ import yaml
 from tests.conftest import REPO
 
 pytest.importorskip("matplotlib")
-sys.path.insert(0, str(REPO / "scripts"))  # plot.py imports its sibling summarize.py
 spec = importlib.util.spec_from_file_location("plot", REPO / "scripts" / "plot.py")
 plot = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(plot)

@@ -1,0 +1,138 @@
+"""The command line's own checks and help, before Hydra runs anything.
+
+Hydra's messages for a misspelled key end with "To append to your config use
++key=value", which starts a default run with the typo ignored. Here the
+overrides are composed once beforehand and every mistake becomes one line with
+a "did you mean", and `--help` lists every group's real options (the typed
+`*_schema` bases hidden), `hydra/launcher` included.
+"""
+
+import difflib
+import re
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from metatrain.errors import MetatrainError
+
+GROUPS = ("algorithm", "dataset", "model", "logger", "experiment", "ablation", "hydra/launcher")
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group a user can choose (inside initialize_config_dir)."""
+    loader = GlobalHydra.instance().config_loader()
+    return sorted(o for o in loader.get_group_options(group) if not o.endswith("_schema"))
+
+
+def _keys(node, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in node.items():
+        out.append(f"{prefix}{k}")
+        if isinstance(v, dict):
+            out += _keys(v, f"{prefix}{k}.")
+    return out
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _unknown_key(key: str, default) -> MetatrainError:
+    keys = _keys(OmegaConf.to_container(default, resolve=False)) + list(GROUPS)
+    hint = _suggest(key.lstrip("+~"), keys)
+    return MetatrainError(
+        f"unknown key {key}{hint or ''}" + ("" if hint else " (metatrain --help lists every key)")
+    )
+
+
+def _first_values(parsed) -> list[str]:
+    """One composable override per override: a sweep's first value (its other
+    values of a group are checked by name); a glob is left to the sweeper."""
+    out = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            out.append(o.input_line)
+        elif type(o.value()).__name__ != "Glob":
+            values = list(o.sweep_string_iterator())
+            out.append(f"{o.get_key_element()}={values[0]}")
+    return out
+
+
+def check(conf_dir: str, overrides: list[str]) -> None:
+    """Raise MetatrainError (one line) for an override that Hydra would refuse."""
+    if not overrides:
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # noqa: BLE001 - Hydra's grammar errors have several types
+        first = str(e).strip().splitlines()[0]
+        raise MetatrainError(f"cannot read the overrides ({first})") from None
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        default = compose("config")
+        for o in parsed:  # every value of a swept group must name an option
+            group = o.get_key_element().lstrip("+~")
+            if group in GROUPS or "/" in group:
+                if type(o.value()).__name__ == "Glob":
+                    continue
+                values = list(o.sweep_string_iterator()) if o.is_sweep_override() else None
+                for v in values or [o.value()]:
+                    _check_option(group, str(v))
+        try:
+            compose("config", overrides=_first_values(parsed), return_hydra_config=True)
+        except Exception as e:  # noqa: BLE001 - translated to one line below
+            raise _translate(e, default) from None
+
+
+def _check_option(group: str, option: str) -> None:
+    options = group_options(group)
+    if options and option not in options and option != "null":
+        raise MetatrainError(
+            f"{group}={option} is not an option{_suggest(option, options)} "
+            f"({group}: {', '.join(options)})"
+        )
+
+
+def _translate(e: Exception, default) -> MetatrainError:
+    text = f"{e}\n{e.__cause__ or ''}"
+    found = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if found:
+        try:
+            _check_option(*found.groups())
+        except MetatrainError as err:
+            return err
+    key = re.search(r"Could not (?:override|append to config\.?)[^']*'([^']+)'", text)
+    if "An item is already at" in text and key:
+        return MetatrainError(f"{key.group(1)} exists: set it without the leading +")
+    if key and re.search(r"not in struct|No match in the defaults|not in '", text):
+        return _unknown_key(key.group(1), default)
+    full_key = re.search(r"full_key: (\S+)", text)
+    first = next((ln for ln in str(e.__cause__ or e).splitlines() if ln.strip()), str(e))
+    where = f"{full_key.group(1)}: " if full_key and full_key.group(1) not in first else ""
+    return MetatrainError(f"{where}{first.strip()}")
+
+
+def help_text(conf_dir: str, overrides: list[str]) -> str:
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        cfg = compose("config", overrides=_first_values(_parse(overrides)))
+        groups = [f"  {g}: {', '.join(group_options(g))}" for g in GROUPS]
+        hydra_help = compose("config", return_hydra_config=True).hydra.help
+    return "\n".join(
+        [
+            hydra_help.header,
+            "",
+            "Config groups (group=option):",
+            *groups,
+            "",
+            hydra_help.footer,
+            "",
+            "Every key, with its value for these overrides (key=value sets one):",
+            OmegaConf.to_yaml(cfg),
+        ]
+    )
+
+
+def _parse(overrides: list[str]):
+    return OverridesParser.create().parse_overrides(overrides) if overrides else []
