@@ -77,7 +77,8 @@ def group(runs: list[dict]) -> tuple[list[dict], str]:
     for c in configs:
         cfg = c["runs"][0]["cfg"]
         own = " ".join(o for o in c["overrides"] if o not in common)
-        c["method"], c["task"] = summarize.method_name(cfg), summarize.task_name(cfg)
+        c["method"], c["task"] = summarize.algorithm_label(cfg), summarize.task_name(cfg)
+        c["bn"] = summarize.bn_mode(cfg)
         c["label"] = own or c["method"]
         c["seeds"] = len(c["runs"])
     shared = [o for o in configs[0]["overrides"] if o in common] if configs else []
@@ -170,7 +171,7 @@ def plot_bars(configs: list[dict], shared: str, path: Path):
                     label="95% CI over test tasks")  # fmt: skip
         ax.scatter([x] * len(b["accs"]), b["accs"], color="black", s=12, zorder=3,
                    label="one seed")  # fmt: skip
-        paper = summarize.paper_numbers(summarize.PUBLISHED.get((c["method"], c["task"])))[0]
+        paper = summarize.paper_numbers(summarize.published(c["method"], c["bn"], c["task"]))[0]
         if paper is not None:
             ax.hlines(paper, x - 0.4, x + 0.4, color="red", linewidth=2, zorder=4,
                       label="published (full budget)")  # fmt: skip
