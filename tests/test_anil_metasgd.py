@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from metatrain.algorithms.maml import Maml
 from metatrain.errors import MetatrainError
@@ -135,17 +136,17 @@ def test_presets_compose_and_switch_on(name):
 
 
 @pytest.mark.parametrize(
-    ("preset", "method", "paper"),
+    ("preset", "label", "paper"),
     [
-        ("anil_omniglot_20w1s", "ANIL", "96.2 ± 0.5"),
-        ("metasgd_miniimagenet_5w1s", "Meta-SGD", "50.47 ± 1.87"),
+        ("anil_omniglot_20w1s", "anil", "96.2 ± 0.5"),
+        ("metasgd_miniimagenet_5w1s", "metasgd", "50.47 ± 1.87"),
     ],
 )
-def test_presets_are_named_as_their_method_beside_the_paper(preset, method, paper):
-    from omegaconf import OmegaConf
-
+def test_presets_are_named_as_their_method_beside_the_paper(preset, label, paper):
+    from metatrain.naming import algorithm_label
     from tests.test_summarize import summarize
 
-    cfg = OmegaConf.to_container(make_cfg(f"experiment={preset}", "logger=none"), resolve=True)
-    assert summarize.method_name(cfg) == method
-    assert summarize.PUBLISHED[(method, summarize.task_name(cfg))] == paper
+    cfg = make_cfg(f"experiment={preset}", "logger=none")
+    assert algorithm_label(cfg) == label
+    task = summarize.task_name(OmegaConf.to_container(cfg, resolve=True))
+    assert summarize.published(label, "batch", task) == paper

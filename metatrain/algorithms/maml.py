@@ -44,6 +44,7 @@ from metatrain.algorithms.recompute import accumulate_grads, recomputed_task
 from metatrain.config import AlgorithmConfig
 from metatrain.errors import MetatrainError
 from metatrain.models.conv4 import to_channels_last
+from metatrain.models.task_groups import supports
 from metatrain.registry import LEARNERS
 from metatrain.task_batch import TaskBatch
 
@@ -178,7 +179,7 @@ class Maml(MetaLearner):
     def _groups_ok(self) -> bool:
         """Channel groups (task_groups.py) run the backbones that support them, without
         bf16 autocast."""
-        return self.model.task_groups and not self.speed.amp_bf16
+        return supports(self.model) and not self.speed.amp_bf16
 
     def _eval_groups(self) -> bool:
         """Whether evaluation runs the task batch as channel groups: its steps are first

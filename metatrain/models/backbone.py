@@ -24,9 +24,6 @@ def step_row(t: torch.Tensor, step: int) -> torch.Tensor:
 
 
 class Backbone(nn.Module):
-    # Whether models/task_groups.py can run this backbone as channel groups.
-    task_groups = False
-
     def __init__(self):
         super().__init__()
         self._dotted: dict[str, str] = {}  # nn.Module name -> dotted name

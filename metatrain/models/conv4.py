@@ -198,8 +198,6 @@ class Conv4Config(ModelConfig):
 
 @BACKBONES.register("conv4", Conv4Config)
 class Conv4(Backbone):
-    task_groups = True
-
     def __init__(
         self,
         in_channels: int,
