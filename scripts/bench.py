@@ -121,27 +121,37 @@ SETTINGS = {
     ),
 }
 # MAML, ANIL and Meta-SGD 5-way 1-shot on MiniImageNet-sized input (MAML's row: meta-batch
-# 4, 15 queries; Meta-SGD one step), with conv4 (32 filters) and with ResNet-12.
-for _model, _extra in (("", []), ("-resnet12", ["model=resnet12"])):
-    for _algo, _phase in (
-        ("maml", "second order, 5 steps"),
-        ("anil", "second order, 5 head-only steps"),
-        ("metasgd", "second order, 1 step, per-element rates"),
-    ):
-        SETTINGS[f"{_algo}{_model}-miniimagenet-5w1s"] = (
-            f"{_algo}_miniimagenet_5w1s",
-            _extra,
-            0,
-            f"{_phase}, meta-batch 4",
-        )
+# 4, 15 queries; Meta-SGD one step), with conv4 (32 filters) and with ResNet-12. The
+# presets set conv4's keys, so the ResNet-12 rows spell MAML's row out (no preset).
+_MAML_ROW = ["dataset=miniimagenet", "model=resnet12", "algorithm.meta_batch=4"]
+_MAML_ROW += ["algorithm.inner_lr=0.01", "algorithm.grad_clip=10.0", "algorithm.eval_steps=10"]
+for _algo, _steps, _phase in (
+    ("maml", 5, "second order, 5 steps"),
+    ("anil", 5, "second order, 5 head-only steps"),
+    ("metasgd", 1, "second order, 1 step, per-element rates"),
+):
+    SETTINGS[f"{_algo}-miniimagenet-5w1s"] = (
+        f"{_algo}_miniimagenet_5w1s",
+        [],
+        0,
+        f"{_phase}, meta-batch 4",
+    )
+    SETTINGS[f"{_algo}-resnet12-miniimagenet-5w1s"] = (
+        None,
+        [f"algorithm={_algo}", *_MAML_ROW, f"algorithm.train_steps={_steps}"]
+        + ["algorithm.eval_steps=1"] * (_algo == "metasgd"),
+        0,
+        f"{_phase}, meta-batch 4",
+    )
 # Peak memory and time against inner steps, second order, one task (meta-batch 1), with
 # and without train.inner_checkpoint (steps recomputed in the backward sweep).
-for _model, _extra in (("conv4", []), ("resnet12", ["model=resnet12"])):
+for _model, _extra in (("conv4", []), ("resnet12", ["algorithm=maml"])):
     for _k in (1, 5, 10, 25):
         for _ckpt in (False, True):
             SETTINGS[f"steps-{_model}-{_k}{'-ckpt' if _ckpt else ''}"] = (
-                "maml_miniimagenet_5w1s",
-                [*_extra, "algorithm.meta_batch=1", f"algorithm.train_steps={_k}"]
+                "maml_miniimagenet_5w1s" if not _extra else None,
+                [*(_extra and _MAML_ROW), *_extra, "algorithm.meta_batch=1"]
+                + [f"algorithm.train_steps={_k}"]
                 + [f"train.inner_checkpoint={str(_ckpt).lower()}"],
                 0,
                 f"second order, {_k} steps, meta-batch 1" + (", recomputed" if _ckpt else ""),
@@ -293,7 +303,7 @@ def compose(setting: str, backend: str, extra: list[str]):
         return hydra_compose(
             "config",
             overrides=[
-                f"experiment={experiment}",
+                *([f"experiment={experiment}"] if experiment else []),
                 "logger=none",
                 f"train.backend={backend}",
                 *overrides,
