@@ -1,5 +1,9 @@
 """Meta-test over a fixed task set: mean accuracy, 95% confidence interval and
-the top-k checkpoint ensemble (MAML++ averages the members' logits per task)."""
+the top-k checkpoint ensemble (MAML++ averages the members' logits per task).
+
+`evaluate_pair` gives the two numbers the papers quote, the single model and
+the ensemble, from one pass over the members: each member's logits are
+computed once and serve both."""
 
 import math
 
@@ -44,3 +48,30 @@ def evaluate(
     per_task = (logits.argmax(-1) == _labels(tasks, batch)).float().mean(-1)
     acc, ci = mean_ci95(per_task.cpu())
     return {"acc": acc, "ci95": ci, "tasks": len(tasks)}
+
+
+def _score(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    per_task = (logits.argmax(-1) == labels).float().mean(-1)
+    acc, ci = mean_ci95(per_task.cpu())
+    return {"acc": acc, "ci95": ci, "tasks": per_task.numel()}
+
+
+def evaluate_pair(
+    learner: MetaLearner, tasks: FixedTasks, batch: int, members: list[dict], single_first: bool
+) -> dict:
+    """{"single": ..., "ensemble": ...}: the ensemble averages the query logits of
+    `members` (network state dicts, best first); the single model is the first
+    member when `single_first`, else the learner's current network (the last
+    parameters). With no members both are the current network."""
+    labels = _labels(tasks, batch)
+    saved = {k: v.clone() for k, v in learner.net.state_dict().items()}
+    current = None if single_first and members else _all_logits(learner, tasks, batch)
+    first, total = current, 0
+    for i, m in enumerate(members):
+        learner.net.load_state_dict(m)
+        logits = _all_logits(learner, tasks, batch)
+        first = logits if i == 0 and single_first else first
+        total = total + logits
+    learner.net.load_state_dict(saved)
+    ensemble = total / len(members) if members else current
+    return {"single": _score(first, labels), "ensemble": _score(ensemble, labels)}

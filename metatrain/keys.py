@@ -27,6 +27,32 @@ NON_MATH_KEYS = (
     "eval.batch",  # tasks adapted at once; each task's result is its own
 )
 
+# Keys that set how a trained network is tested, not what was trained: with
+# NON_MATH_KEYS, everything `metatrain-eval` accepts (EVAL_KEYS). eval.split exists
+# only there: it picks the split tested (test, or val to re-score validation).
+EVAL_PROTOCOL_KEYS = (
+    "eval.split",
+    "eval.test_tasks",
+    "eval.val_tasks",
+    "eval.seed",
+    "eval.ensemble_top_k",
+    "eval.test_from",
+    "dataset.ways",  # at most the trained ways: the head's first units
+    "dataset.shots",
+    "dataset.queries",
+    "algorithm.eval_steps",
+    "algorithm.inner_lr",  # refused where LSLR learned it
+    "algorithm.eval_iters",
+    "algorithm.eval_batch",
+    "model.bn_eval",
+)
+EVAL_KEYS = (*EVAL_PROTOCOL_KEYS, *NON_MATH_KEYS)
+
+
+def is_eval_key(key: str) -> bool:
+    """True for a key metatrain-eval may set (or one under a listed key)."""
+    return any(key == k or key.startswith(k + ".") for k in EVAL_KEYS)
+
 
 def is_non_math(key: str) -> bool:
     """True for a listed key or any key under one ("logger.mode", "+logger.tags")."""

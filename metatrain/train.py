@@ -19,7 +19,9 @@ from metatrain.evaluate import evaluate
 from metatrain.files import is_writable_dir, save_json
 from metatrain.inert import inert_settings
 from metatrain.logging import RunLogger, console
+from metatrain.meta_test import describe, load_members, summary_metrics, test_block
 from metatrain.models import build_model
+from metatrain.naming import algorithm_label
 from metatrain.nonfinite import NonFiniteGuard
 
 
@@ -176,7 +178,8 @@ def train(cfg, run_dir: Path | None = None) -> dict:
                     logged = {"time/iter_s": (now - tick) / (done - ticked)} | guard.metrics()
                     if sums is not None:
                         loss, acc = (sums / n_sum).tolist()
-                        logged |= {"train/loss": loss, "train/acc": acc}
+                        # Accuracy in percent, as val/acc and test/acc.
+                        logged |= {"train/loss": loss, "train/acc": 100 * acc}
                     logger.log(logged, step=done)
                     sums, n_sum, tick, ticked = None, 0, now, done
                 paused = time.perf_counter()  # validation and saving stay out of time/iter_s
@@ -195,16 +198,21 @@ def train(cfg, run_dir: Path | None = None) -> dict:
             wall += time.perf_counter() - t0
         interrupt.reached(t.iterations)
 
-        members = _test_members(cfg, best, ckpt_dir)
-        test = evaluate(learner, test_tasks, cfg.eval.batch, members)
-        logger.log({"test/acc": test["acc"], "test/acc_ci95": test["ci95"]}, step=t.iterations)
+        members = load_members(best, cfg.eval.ensemble_top_k, ckpt_dir)
+        test = test_block(
+            learner, test_tasks, cfg.eval.batch, best, members,
+            cfg.eval.test_from.value, cfg.model.bn_eval.value,
+        )  # fmt: skip
+        accs = {k: v for k, v in summary_metrics(test).items() if k.endswith(("acc", "_ci95"))}
+        logger.log(accs, step=t.iterations)  # headline, single and ensemble
         results = {
             "status": "finished",
-            "algorithm": cfg.algorithm.name,
+            "algorithm": algorithm_label(cfg),
+            "learner": cfg.algorithm.name,
             "dataset": ds.name,
             "ways": ds.ways,
             "shots": ds.shots,
-            "test": {**test, "members": [b[1] for b in best[: len(members or [])]] or ["last"]},
+            "test": test,
             "best_val": {"acc": best[0][0], "iteration": best[0][1]} if best else None,
             "iterations": t.iterations,
             "wall_time_s": wall,
@@ -218,14 +226,11 @@ def train(cfg, run_dir: Path | None = None) -> dict:
         }
         save_json(results, results_path)
         save_last(t.iterations, results)
-        logger.finish({"test/acc": test["acc"], "test/acc_ci95": test["ci95"]})
+        logger.finish({**summary_metrics(test), "algorithm": results["algorithm"]})
     except BaseException:
         logger.finish()
         raise
-    console.print(
-        f"[bold green]test accuracy {test['acc']:.2f} ± {test['ci95']:.2f}% "
-        f"over {test['tasks']} tasks -> {results_path}"
-    )
+    console.print(f"[bold green]{describe(test)}\n-> {results_path}")
     return results
 
 
@@ -240,12 +245,3 @@ def _keep_best(best, acc, iteration, learner, ckpt_dir, keep):
     for b in dropped:
         (ckpt_dir / b[2]).unlink(missing_ok=True)
     return kept
-
-
-def _test_members(cfg, best, ckpt_dir) -> list[dict] | None:
-    """Network states to test: the top-k validation checkpoints, or None for the
-    final parameters."""
-    if cfg.eval.test_from.value == "last" or not best:
-        return None
-    k = max(cfg.eval.ensemble_top_k, 1)
-    return [checkpoint.load(ckpt_dir / b[2]) for b in best[:k]]

@@ -466,6 +466,19 @@ VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
 VECTOR_FLAGS += ("amx_tile", "amx_bf16", "asimd", "sve")
 
 
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
 def _cpu_info() -> tuple[str, list[str]]:
     """CPU model name and its vector flags (Linux /proc/cpuinfo)."""
     model, flags = platform.processor() or "unknown", []
@@ -524,7 +537,7 @@ def print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(Console().width, 170))
+    console = Console(width=max(Console().width, 200))
     for dev, m in report["machines"].items():
         console.print(
             f"[bold]{dev}[/]: {m.get('gpu', m['cpu'])} ({m['cores']} cores; "
@@ -542,7 +555,7 @@ def print_table(report: dict) -> None:
     cols = ["setting", "dev", "ours backend", "unit", "ours s", "tasks/s", "naive s", "x naive"]
     cols += ["authors s", "x authors", "GFLOP", "bound s", "x bound", "peak MB"]
     for c in cols:
-        table.add_column(c, justify="left" if c in cols[:4] else "right")
+        table.add_column(c, justify="left" if c in cols[:4] else "right", no_wrap=c == "setting")
 
     def f(v, fmt, busy=False):
         return "-" if v is None else format(v, fmt) + (" [yellow](busy)" if busy else "")
@@ -584,6 +597,8 @@ def print_table(report: dict) -> None:
 
 def print_profiles(report: dict) -> None:
     for r in report["results"]:
+        if "error" in r:
+            continue
         if not r.get("top_ops"):
             continue
         print(
@@ -638,10 +653,17 @@ def main(argv=None) -> int:
         nargs="*",
         help="extra config overrides for every setting, e.g. train.amp_bf16=true",
     )
+    p.add_argument("--show", metavar="JSON", help="print the table of an earlier report")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.show:
+        report = json.loads(Path(args.show).read_text())
+        print(f"{report['command']}  ->  {args.show}")
+        print_table(report)
+        print_profiles(report)
         return 0
 
     import torch
@@ -709,6 +731,7 @@ def main(argv=None) -> int:
     add_ratios(results)
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "metatrain_commit": _git_commit(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machines": machines,
         "contended": any(r.get("contended") for r in results),

@@ -1,6 +1,6 @@
 """Figures of metatrain runs from the files on disk (no W&B needed).
 
-    python scripts/plot.py SWEEP_OR_RUN_DIR [...] [--out DIR]
+    metatrain-plot SWEEP_OR_RUN_DIR [...] [--out DIR]     (or python scripts/plot.py ...)
 
 A run is any folder holding .hydra/config.yaml (as in summarize.py). Runs whose
 configs differ only in `seed` (and keys that do not change the maths) are one
@@ -24,7 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
-import summarize  # scripts/summarize.py: config grouping, names, published numbers
+from metatrain.scripts import summarize  # config grouping, names, published numbers
 
 try:
     import matplotlib
@@ -77,7 +77,8 @@ def group(runs: list[dict]) -> tuple[list[dict], str]:
     for c in configs:
         cfg = c["runs"][0]["cfg"]
         own = " ".join(o for o in c["overrides"] if o not in common)
-        c["method"], c["task"] = summarize.method_name(cfg), summarize.task_name(cfg)
+        c["method"], c["task"] = summarize.algorithm_label(cfg), summarize.task_name(cfg)
+        c["bn"] = summarize.bn_mode(cfg)
         c["label"] = own or c["method"]
         c["seeds"] = len(c["runs"])
     shared = [o for o in configs[0]["overrides"] if o in common] if configs else []
@@ -154,7 +155,13 @@ def _bars_of(c: dict) -> list[dict]:
 
 def plot_bars(configs: list[dict], shared: str, path: Path):
     rows = [(c, b) for c in configs for b in _bars_of(c)]
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows) + 4), 4.8))
+    # Tick labels: one override a line, so long configurations stay readable.
+    names = ["\n".join(c["label"].split() + [b["kind"]] * bool(b["kind"])) for c, b in rows]
+    lines = max((n.count("\n") + 1 for n in names), default=1)
+    width = max(
+        8.0, 0.07 * max((len(x) for n in names for x in n.split("\n")), default=1) * len(rows) + 3
+    )
+    fig, ax = plt.subplots(figsize=(width, 4.2 + 0.15 * lines))
     xs = range(len(rows))
     colours = {"": "tab:blue", "single": "tab:green"}
     for x, (c, b) in zip(xs, rows, strict=True):
@@ -164,12 +171,11 @@ def plot_bars(configs: list[dict], shared: str, path: Path):
                     label="95% CI over test tasks")  # fmt: skip
         ax.scatter([x] * len(b["accs"]), b["accs"], color="black", s=12, zorder=3,
                    label="one seed")  # fmt: skip
-        paper = summarize.paper_numbers(summarize.PUBLISHED.get((c["method"], c["task"])))[0]
+        paper = summarize.paper_numbers(summarize.published(c["method"], c["bn"], c["task"]))[0]
         if paper is not None:
             ax.hlines(paper, x - 0.4, x + 0.4, color="red", linewidth=2, zorder=4,
                       label="published (full budget)")  # fmt: skip
-    names = [c["label"] + (f"\n{b['kind']}" if b["kind"] else "") for c, b in rows]
-    ax.set_xticks(list(xs), names, rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(list(xs), names, fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     lows = [min(b["accs"] + [b["mean"] - b["ci95"]]) for _, b in rows]
     ax.set_ylim(max(0.0, min(lows) - 5), 100)

@@ -1,14 +1,17 @@
 """Summarise a metatrain sweep: one row per configuration (seeds aggregated) beside the
 published numbers.
 
-    python scripts/summarize.py outputs/multirun/<sweep_name> [--out DIR] [--sort KEY]
+    python scripts/summarize.py outputs/multirun/<sweep_name> [--out DIR] [--sort KEY] [--evals]
 
 A cell is any folder under SWEEP_DIR holding .hydra/config.yaml (one sweep, several, or any
 tree of runs). Finished cells (results.json) whose configs differ only in `seed` form one row:
-mean test accuracy, sample std across seeds, and the mean of the per-run 95% CIs. Unfinished
-and failed cells get a row each. The table goes to stdout and to summary.md, the same rows to
-summary.csv, both in SWEEP_DIR or in --out DIR. Figures of the same runs (learning curves,
-test accuracy with CIs): scripts/plot.py SWEEP_DIR, or make plot SWEEP=SWEEP_DIR.
+for the single best-validation model and for the top-k ensemble, the mean test accuracy over
+seeds, the sample std across seeds and the mean of the per-run 95% CIs; the batch-norm mode at
+test and the number of seeds. Unfinished and failed cells get a row each. With --evals, each
+re-evaluation made by metatrain-eval (RUN_DIR/eval/*.json) is a row too, seeds aggregated the
+same way. The table goes to stdout and to summary.md, the same rows to summary.csv, both in
+SWEEP_DIR or in --out DIR. Figures of the same runs
+(learning curves, test accuracy with CIs): metatrain-plot SWEEP_DIR, or make plot SWEEP=SWEEP_DIR.
 """
 
 import argparse
@@ -21,8 +24,8 @@ from pathlib import Path
 import yaml
 
 from metatrain.keys import drop_non_math, is_non_math
+from metatrain.naming import algorithm_label, bn_mode
 
-SWITCHES = ("bnrs", "bnwb", "ca", "da", "lslr", "msl")  # MAML++'s six fixes, in name order
 DATASETS = {"omniglot": "Omniglot", "miniimagenet": "MiniImageNet"}
 DATASET_WAYS = (("Omniglot", 5), ("Omniglot", 20), ("MiniImageNet", 5))
 TASKS = [f"{d} {w}w{s}s" for d, w in DATASET_WAYS for s in (1, 5)]  # the paper table's columns
@@ -47,45 +50,44 @@ PUBLISHED = {
     for method, row in PUBLISHED_TABLE.items()
     for task, text in zip(TASKS, row.split("|"), strict=True)
 }
-METHODS = list(PUBLISHED_TABLE)
+# The published row of each algorithm label and batch-norm mode at test. MAML, FOMAML and
+# MAML++ were published transductive only.
+PAPER_METHOD = {
+    ("maml", "batch"): "MAML", ("fomaml", "batch"): "FOMAML", ("mamlpp", "batch"): "MAML++",
+    ("reptile", "running"): "Reptile", ("reptile", "batch"): "Reptile + transduction",
+}  # fmt: skip
+METHODS = ["maml", "fomaml", "reptile", "mamlpp"]  # the table's order; others after
+BN_SHOWN = {"batch": "transductive", "running": "running stats"}
 
+# acc_mean/acc_std/ci95_mean: the headline test number (results.json's test.acc: the
+# ensemble under eval.test_from=best, else the last parameters); then each of the two.
 CSV_COLUMNS = [
-    "method", "task", "overrides", "seeds", "acc_mean", "acc_std", "ci95_mean", "paper_acc",
-    "paper_ci95", "delta", "iterations", "wall_time_s", "status",
+    "method", "task", "bn_eval", "source", "overrides", "seeds", "acc_mean", "acc_std",
+    "ci95_mean", "single_acc_mean", "single_acc_std", "single_ci95_mean", "ensemble_k",
+    "ensemble_acc_mean", "ensemble_acc_std", "ensemble_ci95_mean", "paper_acc", "paper_ci95",
+    "delta", "iterations", "wall_time_s", "status",
 ]  # fmt: skip
 MD_COLUMNS = [
-    "method", "task", "overrides (seed aside)", "seeds", "test acc % (mean)", "std over seeds",
-    "mean per-run 95% CI", "paper", "Δ (ours − paper)", "iterations", "wall s (mean/seed)",
-    "status",
+    "method", "task", "BN at test", "overrides (seed aside)", "seeds", "single acc %",
+    "single 95% CI", "ensemble acc %", "ensemble 95% CI", "std over seeds (single/ens.)",
+    "paper", "Δ (ours − paper)", "iterations", "wall s (mean/seed)", "status",
 ]  # fmt: skip
 
 
-def method_name(cfg: dict) -> str:
-    algo = cfg.get("algorithm") or {}
-    if algo.get("name") == "reptile":
-        running = (cfg.get("model") or {}).get("bn_eval") == "running"
-        return "Reptile" if running else "Reptile + transduction"
-    if algo.get("name") != "maml":
-        return str(algo.get("name"))
-    # bnrs acts only where evaluation reads running statistics: under transductive
-    # evaluation (the published protocol) MAML++ is complete without it.
-    running = (cfg.get("model") or {}).get("bn_eval") == "running"
-    switches = [s for s in SWITCHES if running or s != "bnrs"]
-    on = [s for s in switches if algo.get(s)]
-    off = [s for s in switches if not algo.get(s)]
-    first_order = bool(algo.get("first_order"))
-    base = "FOMAML" if first_order else "MAML"
-    # MAML++ is MAML with all its switches on: name a partial set from the closer base.
-    if len(off) + first_order < len(on):
-        return " ".join(
-            ["MAML++"] + (["− " + ", ".join(off)] if off else []) + ["+ first-order"] * first_order
-        )
-    return f"{base} + {', '.join(on)}" if on else base
+def paper_method(label: str, bn: str) -> str | None:
+    """The published table row that a run with this label and test BN mode reproduces."""
+    return PAPER_METHOD.get((label, bn))
 
 
-def task_name(cfg: dict) -> str:
+def published(label: str, bn: str, task: str) -> str | None:
+    """The published number (text) for an algorithm label, test BN mode and task."""
+    return PUBLISHED.get((paper_method(label, bn), task))
+
+
+def task_name(cfg: dict, ways=None, shots=None) -> str:
     ds = cfg.get("dataset") or {}
-    return f"{DATASETS.get(ds.get('name'), ds.get('name'))} {ds.get('ways')}w{ds.get('shots')}s"
+    ways, shots = ways or ds.get("ways"), shots or ds.get("shots")
+    return f"{DATASETS.get(ds.get('name'), ds.get('name'))} {ways}w{shots}s"
 
 
 def paper_numbers(text: str | None) -> tuple[float | None, float | None]:
@@ -109,9 +111,20 @@ def shown_overrides(overrides: list[str]) -> str:
     )
 
 
+def test_numbers(test: dict) -> dict:
+    """Headline, single and ensemble numbers of a test block. A block written before both
+    were recorded has the headline only: it is the single model when it had one member."""
+    one = len(test.get("members") or []) <= 1
+    single = test.get("single") or ({"acc": test["acc"], "ci95": test["ci95"]} if one else {})
+    k = len(test.get("members") or [None])
+    ens = test.get("ensemble") or {"acc": test["acc"], "ci95": test["ci95"], "k": k}
+    return {"acc": test["acc"], "ci95": test["ci95"], "single_acc": single.get("acc"),
+            "single_ci95": single.get("ci95"), "ensemble_acc": ens.get("acc"),
+            "ensemble_ci95": ens.get("ci95"), "ensemble_k": ens.get("k")}  # fmt: skip
+
+
 def _finished(results: dict) -> dict:
-    test = results["test"]
-    return {"status": "finished", "acc": test["acc"], "ci95": test["ci95"],
+    return {"status": "finished", **test_numbers(results["test"]),
             "wall": results.get("wall_time_s"), "iterations": results.get("iterations")}  # fmt: skip
 
 
@@ -149,11 +162,32 @@ def read_cell(cell: Path) -> dict:
         cfg, overrides = {}, []
     total = (cfg.get("train") or {}).get("iterations")
     run = {"cell": cell, "cfg": cfg, "seed": cfg.get("seed"), "iterations": total,
-           "overrides": shown_overrides(overrides), "acc": None, "ci95": None, "wall": None}  # fmt: skip
+           "overrides": shown_overrides(overrides), "wall": None, "source": "run",
+           "task": task_name(cfg), "bn": bn_mode(cfg), "method": algorithm_label(cfg)}  # fmt: skip
     run.update({k: v for k, v in outcome(cell, total).items() if v is not None})
     if not cfg:
         run["status"] = "failed: .hydra/config.yaml or overrides.yaml unreadable"
     return run
+
+
+def read_evals(run: dict) -> list[dict]:
+    """A run's metatrain-eval results (RUN_DIR/eval/*.json), one pseudo-run each."""
+    out = []
+    for path in sorted((run["cell"] / "eval").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            p, state = record["protocol"], record["run"]
+            numbers = test_numbers(record)
+        except (OSError, ValueError, KeyError, TypeError):
+            print(f"summarize: warning: {path} unreadable, left out", file=sys.stderr)
+            continue
+        shown = ",".join(o for o in record.get("overrides", []) if not is_non_math(o.split("=")[0]))
+        status = "finished" if state["status"] == "finished" else f"eval at {state['iteration']}"
+        out.append({**run, **numbers, "source": f"eval: {path.stem}", "status": status,
+                    "overrides": f"{run['overrides']} eval:{shown or 'own'}".strip(),
+                    "task": task_name(run["cfg"], p["ways"], p["shots"]), "bn": p["bn_eval"],
+                    "iterations": state["iteration"], "wall": None})  # fmt: skip
+    return out
 
 
 def _mean(values: list) -> float | None:
@@ -161,31 +195,38 @@ def _mean(values: list) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def _std(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
 def make_row(runs: list[dict]) -> dict:
-    first, accs = runs[0], [r["acc"] for r in runs]
-    method, task = method_name(first["cfg"]), task_name(first["cfg"])
-    finished = first["status"] == "finished"
-    paper = PUBLISHED.get((method, task))
+    first = runs[0]
+    method, task = first["method"], first["task"]
+    paper = published(method, first["bn"], task)
     paper_acc, paper_ci = paper_numbers(paper)
-    mean = _mean(accs) if finished else None
-    return {
-        "method": method, "task": task,
-        "overrides": "; ".join(dict.fromkeys(r["overrides"] for r in runs)),
-        "seeds": len(runs), "seed_list": [r["seed"] for r in runs],
-        "acc_mean": mean, "acc_std": statistics.stdev(accs) if finished and len(runs) > 1 else None,
-        "ci95_mean": _mean([r["ci95"] for r in runs]), "paper": paper,
-        "paper_acc": paper_acc, "paper_ci95": paper_ci,
-        "delta": mean - paper_acc if mean is not None and paper_acc is not None else None,
-        "iterations": first["iterations"], "wall_time_s": _mean([r["wall"] for r in runs]),
-        "status": first["status"],
-    }  # fmt: skip
+    row = {"method": method, "task": task, "bn_eval": first["bn"], "source": first["source"],
+           "overrides": "; ".join(dict.fromkeys(r["overrides"] for r in runs)),
+           "seeds": len(runs), "seed_list": [r["seed"] for r in runs], "paper": paper,
+           "paper_acc": paper_acc, "paper_ci95": paper_ci, "iterations": first["iterations"],
+           "wall_time_s": _mean([r["wall"] for r in runs]), "status": first["status"],
+           "ensemble_k": first.get("ensemble_k")}  # fmt: skip
+    for prefix in ("", "single_", "ensemble_"):
+        values = [r.get(f"{prefix}acc") for r in runs]
+        row[f"{prefix}acc_mean"] = _mean(values)
+        row[f"{prefix}acc_std"] = _std(values)
+        row[f"{prefix}ci95_mean"] = _mean([r.get(f"{prefix}ci95") for r in runs])
+    mean = row["acc_mean"]
+    row["delta"] = mean - paper_acc if mean is not None and paper_acc is not None else None
+    return row
 
 
 def build_rows(runs: list[dict]) -> list[dict]:
     """Finished runs grouped by config minus seed; every other run a row of its own."""
     groups: dict[str, list[dict]] = {}
     for run in runs:
-        key = row_key(run["cfg"]) if run["status"] == "finished" else str(run["cell"])
+        finished = run["status"] == "finished"
+        key = (row_key(run["cfg"]) if finished else str(run["cell"])) + run["source"]
         groups.setdefault(key, []).append(run)
     for group in groups.values():  # the same seed twice (two sweeps) would shrink the std
         if len({str(r["seed"]) for r in group}) < len(group):
@@ -198,7 +239,8 @@ def sort_rows(rows: list[dict], by: str) -> list[dict]:
     def order(row):
         task = TASKS.index(row["task"]) if row["task"] in TASKS else len(TASKS)
         method = METHODS.index(row["method"]) if row["method"] in METHODS else len(METHODS)
-        return (task, row["task"], method, row["method"], row["overrides"], row["status"])
+        return (task, row["task"], method, row["method"], row["source"] != "run",
+                row["overrides"], row["status"])  # fmt: skip
 
     rows = sorted(rows, key=order)
     if by in ("acc", "delta"):  # best first; rows without the number last
@@ -211,6 +253,10 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "" if x is None else format(x, spec)
 
 
+def _ci(x: float | None) -> str:
+    return "" if x is None else "± " + _fmt(x)
+
+
 def markdown(rows: list[dict]) -> str:
     """The table; overrides shared by every row go once above it, so each row shows
     only what sets it apart."""
@@ -221,8 +267,12 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         own = " ".join(o for o in r["overrides"].split() if o not in common)
         seeds = f"{r['seeds']} ({', '.join(map(str, r['seed_list']))})"
-        cells = [r["method"], r["task"], own, seeds, _fmt(r["acc_mean"]), _fmt(r["acc_std"]),
-                 ("± " + _fmt(r["ci95_mean"])) * (r["ci95_mean"] is not None), r["paper"] or "",
+        k = f" (k={r['ensemble_k']})" if r["ensemble_acc_mean"] is not None else ""
+        std = [_fmt(r["single_acc_std"]), _fmt(r["ensemble_acc_std"])]
+        cells = [r["method"], r["task"], BN_SHOWN.get(r["bn_eval"], r["bn_eval"]), own, seeds,
+                 _fmt(r["single_acc_mean"]), _ci(r["single_ci95_mean"]),
+                 _fmt(r["ensemble_acc_mean"]) + k, _ci(r["ensemble_ci95_mean"]),
+                 " / ".join(std) if any(std) else "", r["paper"] or "",
                  _fmt(r["delta"], "+.2f"), _fmt(r["iterations"], "d"),
                  _fmt(r["wall_time_s"], ".1f"), r["status"]]  # fmt: skip
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
@@ -254,13 +304,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sort", choices=["task", "acc", "delta"], default="task",
                         help="row order: by task then method (default), or best acc/delta first")  # fmt: skip
+    parser.add_argument("--evals", action="store_true",
+                        help="add a row per metatrain-eval protocol (RUN_DIR/eval/*.json)")  # fmt: skip
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         return fail(f"{args.sweep_dir} is not a directory")
     cells = sorted({p.parent.parent for p in args.sweep_dir.rglob(".hydra/config.yaml")})
     if not cells:
         return fail(f"no sweep cells (folders with .hydra/config.yaml) under {args.sweep_dir}")
-    rows = sort_rows(build_rows([read_cell(c) for c in cells]), args.sort)
+    runs = [read_cell(c) for c in cells]
+    if args.evals:
+        runs += [e for r in runs for e in read_evals(r)]
+    rows = sort_rows(build_rows(runs), args.sort)
     table = markdown(rows)
     print(table, end="")
     out = args.out or args.sweep_dir
@@ -271,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return fail(f"cannot write to {out} ({e.strerror}); choose another folder with --out DIR")
     print(f"wrote {out / 'summary.md'} and {out / 'summary.csv'}", file=sys.stderr)
-    print(f"figures: python scripts/plot.py {args.sweep_dir}", file=sys.stderr)
+    print(f"figures: metatrain-plot {args.sweep_dir}", file=sys.stderr)
     return 0
 
 

@@ -76,6 +76,8 @@ def test_wheel_runs_help_and_cfg_job_from_another_directory(unpacked_wheel, tmp_
     assert "name: reptile" in out.stdout
     out = run_from(unpacked_wheel, tmp_path, "metatrain.scripts.summarize:main", "--help")
     assert out.returncode == 0 and "SWEEP_DIR" in out.stdout, out.stderr[-2000:]
+    out = run_from(unpacked_wheel, tmp_path, "metatrain.scripts.plot:main", "--help")
+    assert out.returncode == 0 and "SWEEP_OR_RUN_DIR" in out.stdout, out.stderr[-2000:]
     assert not list(tmp_path.iterdir())  # nothing written where it ran
 
 

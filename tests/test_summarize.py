@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from metatrain.naming import algorithm_label
 from tests.conftest import REPO, run_cli
 
 SCRIPT = REPO / "scripts" / "summarize.py"
@@ -81,34 +82,42 @@ def test_seeds_of_one_config_form_one_row_with_mean_and_sample_std(tmp_path):
     assert float(three["wall_time_s"]) == pytest.approx(20.0)
     assert three["overrides"] == "experiment=x"  # seed and non-maths keys aside
     one = next(r for r in rows if r["seeds"] == "1")
-    assert one["acc_std"] == "" and one["method"] == "MAML + lslr"
+    assert one["acc_std"] == "" and one["method"] == "maml+lslr"
 
 
 @pytest.mark.parametrize(
-    "cfg, name",
+    "cfg, name, paper",
     [
-        (config("reptile", bn_eval="running"), "Reptile"),
-        (config("reptile", bn_eval="batch"), "Reptile + transduction"),
-        (config(), "MAML"),
-        (config(first_order=True), "FOMAML"),
-        (config(**dict.fromkeys(SWITCHES, True)), "MAML++"),
-        (config(lslr=True, msl=True), "MAML + lslr, msl"),
-        (config(first_order=True, lslr=True), "FOMAML + lslr"),
-        (config(**{**dict.fromkeys(SWITCHES, True), "da": False}), "MAML++ − da"),
-        (config(**{**dict.fromkeys(SWITCHES, True), "da": False, "ca": False}), "MAML++ − ca, da"),
-        (config(**dict.fromkeys(SWITCHES, True), first_order=True), "MAML++ + first-order"),
-        (config(msl=True, da=True, bnrs=True, bn_eval="running"), "MAML + bnrs, da, msl"),  # tie
+        (config("reptile", bn_eval="running"), "reptile", "Reptile"),
+        (config("reptile", bn_eval="batch"), "reptile", "Reptile + transduction"),
+        (config(), "maml", "MAML"),
+        (config(bn_eval="running"), "maml", None),  # MAML was published transductive only
+        (config(first_order=True), "fomaml", "FOMAML"),
+        (config(**dict.fromkeys(SWITCHES, True)), "mamlpp", "MAML++"),
+        (config(lslr=True, msl=True), "maml+msl+lslr", None),
+        (config(first_order=True, lslr=True), "fomaml+lslr", None),
+        (config(**{**dict.fromkeys(SWITCHES, True), "da": False}), "mamlpp-da", None),
+        (
+            config(**{**dict.fromkeys(SWITCHES, True), "da": False, "ca": False}),
+            "mamlpp-da-ca",
+            None,
+        ),
+        (config(**dict.fromkeys(SWITCHES, True), first_order=True), "mamlpp+first_order", None),
+        (config(msl=True, da=True, bnrs=True, bn_eval="running"), "maml+msl+da+bnrs", None),  # tie
         # bnrs counts only where evaluation reads running statistics
-        (config(**{**dict.fromkeys(SWITCHES, True), "bnrs": False}), "MAML++"),
+        (config(**{**dict.fromkeys(SWITCHES, True), "bnrs": False}), "mamlpp", "MAML++"),
         (
             config(**{**dict.fromkeys(SWITCHES, True), "bnrs": False}, bn_eval="running"),
-            "MAML++ − bnrs",
+            "mamlpp-bnrs",
+            None,
         ),
-        (config(msl=True, bnrs=True, bn_eval="running"), "MAML + bnrs, msl"),
+        (config(msl=True, bnrs=True, bn_eval="running"), "maml+msl+bnrs", None),
+        (config(msl=True, bnrs=True), "maml+msl", None),
     ],
 )
-def test_method_name(cfg, name):
-    assert summarize.method_name(cfg) == name
+def test_method_label_and_published_row(cfg, name, paper):
+    assert algorithm_label(cfg) == name
+    assert summarize.paper_method(name, cfg["model"]["bn_eval"]) == paper
 
 
 def test_task_name():
@@ -123,13 +132,13 @@ def test_reproduced_row_shows_the_published_number_and_the_difference(tmp_path):
     cell(tmp_path, ["algorithm=mamlpp", "dataset.ways=20"], pp, acc=97.0)
     cell(tmp_path, ["algorithm.msl=true"], config(msl=True), acc=97.0)
     rows = {r["method"]: r for r in summary(tmp_path)}
-    maml = rows["MAML"]
+    maml = rows["maml"]
     assert (maml["task"], maml["paper_acc"], maml["paper_ci95"]) == ("Omniglot 5w1s", "98.7", "0.4")
     assert float(maml["delta"]) == pytest.approx(97.8 - 98.7)
-    mamlpp = rows["MAML++"]
+    mamlpp = rows["mamlpp"]
     assert (mamlpp["paper_acc"], mamlpp["paper_ci95"]) == ("97.65", "")  # published without CI
     assert float(mamlpp["delta"]) == pytest.approx(-0.65)
-    assert rows["MAML + msl"]["paper_acc"] == rows["MAML + msl"]["delta"] == ""
+    assert rows["maml+msl"]["paper_acc"] == rows["maml+msl"]["delta"] == ""
     table = (tmp_path / "summary.md").read_text()
     assert "| 98.7 ± 0.4 | -0.90 |" in table and "| 97.65 | -0.65 |" in table
 
@@ -164,16 +173,17 @@ def test_writes_markdown_and_csv_and_prints_the_table(tmp_path, capsys):
     rows = summary(sweep, "--out", str(out))
     assert not (sweep / "summary.md").exists()  # --out: the sweep itself is left alone
     assert list(rows[0]) == summarize.CSV_COLUMNS and [r["method"] for r in rows] == [
-        "MAML",
-        "MAML + lslr",
+        "maml",
+        "maml+lslr",
     ]
     table = (out / "summary.md").read_text()
     assert table in capsys.readouterr().out
     header = next(line for line in table.splitlines() if line.startswith("| method"))
-    assert "std over seeds" in header and "mean per-run 95% CI" in header
-    assert "| MAML + lslr | Omniglot 5w1s | algorithm.lslr=true | 1 (0) | 62.00 |" in table
+    assert "std over seeds" in header and "single 95% CI" in header and "BN at test" in header
+    row = "| maml+lslr | Omniglot 5w1s | transductive | algorithm.lslr=true | 1 (0) | 62.00 |"
+    assert row + " ± 0.50 | 62.00 (k=1) | ± 0.50 |" in table
     by_acc = summary(sweep, "--sort", "acc", "--out", str(out))
-    assert [r["method"] for r in by_acc] == ["MAML + lslr", "MAML"]
+    assert [r["method"] for r in by_acc] == ["maml+lslr", "maml"]
 
 
 def test_missing_or_empty_sweep_dir_is_a_one_line_error(tmp_path, capsys):
@@ -200,9 +210,60 @@ def test_real_tiny_sweep(omniglot_data, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     rows = summary(sweep)
     assert [(r["method"], r["seeds"], r["status"]) for r in rows] == [
-        ("MAML", "2", "finished"),
-        ("MAML + lslr", "2", "finished"),
+        ("maml", "2", "finished"),
+        ("maml+lslr", "2", "finished"),
     ]
     assert rows[0]["paper_acc"] == "98.7" and rows[0]["delta"] != ""
     assert all(0 <= float(r["acc_mean"]) <= 100 and r["iterations"] == "4" for r in rows)
     assert "algorithm.lslr=False" in (sweep / "summary.md").read_text()
+
+
+def both_numbers(path, single, ensemble, k=3, ci=(0.5, 0.4)):
+    """Give a cell's results.json (or an eval record) single and ensemble numbers."""
+    data = json.loads(path.read_text())
+    block = data.get("test", data)
+    block["single"] = {"acc": single, "ci95": ci[0], "tasks": 600, "checkpoint": 900}
+    block["ensemble"] = {"acc": ensemble, "ci95": ci[1], "tasks": 600, "k": k, "members": [900]}
+    block["acc"], block["ci95"] = ensemble, ci[1]
+    path.write_text(json.dumps(data))
+
+
+def test_single_and_ensemble_columns_and_evaluation_rows(tmp_path):
+    pp = config(**dict.fromkeys(SWITCHES, True))
+    for seed, (single, ens) in enumerate([(96.0, 97.0), (98.0, 99.0)]):
+        c = cell(tmp_path, [f"seed={seed}", "experiment=e"], {**pp, "seed": seed}, acc=ens)
+        both_numbers(c / "results.json", single, ens)
+        # Two metatrain-eval protocols per seed; the second with fewer ways.
+        (c / "eval").mkdir()
+        for name, ways, bn, shift in [
+            ("default", 5, "batch", 0.0),
+            ("dataset.ways=3", 3, "running", 1.0),
+        ]:
+            record = {"acc": 0, "ci95": 0, "tasks": 600, "members": [900], "bn_eval": bn,
+                      "overrides": [] if name == "default" else [name, "device=cpu"],
+                      "protocol": {"ways": ways, "shots": 1, "bn_eval": bn},
+                      "run": {"status": "finished", "iteration": 1000}}  # fmt: skip
+            (c / "eval" / f"{name}.json").write_text(json.dumps(record))
+            both_numbers(c / "eval" / f"{name}.json", single + shift, ens + shift)
+    rows = summary(tmp_path)
+    assert len(rows) == 1  # evaluations only with --evals
+    row = rows[0]
+    assert (row["method"], row["bn_eval"], row["seeds"], row["ensemble_k"]) == (
+        "mamlpp",
+        "batch",
+        "2",
+        "3",
+    )
+    assert float(row["single_acc_mean"]) == pytest.approx(97.0)
+    assert float(row["ensemble_acc_mean"]) == pytest.approx(98.0)
+    assert float(row["single_acc_std"]) == pytest.approx(math.sqrt(2), abs=1e-4)
+    assert float(row["single_ci95_mean"]) == pytest.approx(0.5)
+    assert float(row["delta"]) == pytest.approx(98.0 - 99.47)  # the ensemble, as MAML++ reports
+    rows = {r["source"]: r for r in summary(tmp_path, "--evals")}
+    assert set(rows) == {"run", "eval: default", "eval: dataset.ways=3"}
+    three = rows["eval: dataset.ways=3"]
+    assert (three["task"], three["bn_eval"], three["seeds"]) == ("Omniglot 3w1s", "running", "2")
+    assert float(three["single_acc_mean"]) == pytest.approx(98.0)
+    assert three["overrides"] == "experiment=e eval:dataset.ways=3"  # device aside
+    assert rows["eval: default"]["ensemble_acc_mean"] == rows["run"]["ensemble_acc_mean"]
+    assert "running stats" in (tmp_path / "summary.md").read_text()

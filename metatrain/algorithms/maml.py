@@ -27,6 +27,7 @@ from metatrain.algorithms.inner import GRADS, SpeedOptions, pick_backend
 from metatrain.algorithms.maml_groups import run_tasks
 from metatrain.config import AlgorithmConfig
 from metatrain.models.conv4 import to_channels_last
+from metatrain.models.task_groups import supports
 from metatrain.registry import LEARNERS
 from metatrain.task_batch import TaskBatch
 
@@ -147,8 +148,8 @@ class Maml(MetaLearner):
         faster one for this device and this size of inner-loop batch."""
         pixels = None if batch is None else batch.xs[0].numel() // batch.xs.shape[2]
         requested = self.train_cfg.backend.value
-        if requested == "groups" and self.speed.amp_bf16:
-            requested = "auto"  # groups run without autocast
+        if requested == "groups" and (self.speed.amp_bf16 or not supports(self.model)):
+            requested = "auto"  # groups run without autocast, on Conv4
         return pick_backend(requested, self.device, second_order, pixels, groups_ok=False)
 
     def backend_for(self, batch: TaskBatch, iteration: int, evaluation: bool = False) -> str:
@@ -285,7 +286,7 @@ class Maml(MetaLearner):
         """Whether evaluation runs the task batch as channel groups (task_groups.py):
         its steps are first order; bf16 autocast and compiled models keep the
         per-task paths they were written for."""
-        if self.speed.amp_bf16 or self._compiled is not None:
+        if self.speed.amp_bf16 or self._compiled is not None or not supports(self.model):
             return False
         requested = self.train_cfg.backend.value
         return pick_backend(requested, self.device, False, groups_ok=True) == "groups"

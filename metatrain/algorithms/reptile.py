@@ -89,7 +89,10 @@ class Reptile(MetaLearner):
 
     def backend(self) -> str:
         requested = self.train_cfg.backend.value
-        return pick_backend(requested, self.device, second_order=False, groups_ok=True)
+        ok = task_groups.supports(self.model)
+        if requested == "groups" and not ok:
+            requested = "auto"
+        return pick_backend(requested, self.device, second_order=False, groups_ok=ok)
 
     def _update(self, p, g, m, v, step: int, lr: float):
         """One inner step of the configured optimiser; returns (p, m, v)."""

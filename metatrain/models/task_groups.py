@@ -18,6 +18,12 @@ import torch.nn.functional as F
 from metatrain.models.conv4 import BLOCKS, Conv4, conv_block
 
 
+def supports(model) -> bool:
+    """Whether `model` can run as channel groups: Conv4 only (other backbones keep
+    the per-task loop and vmap)."""
+    return isinstance(model, Conv4)
+
+
 def to_groups(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
     """(T, N, C, H, W) -> (N, T*C, H, W), task-major channels; NHWC in memory unless
     asked otherwise (oneDNN runs these convolutions and pools faster on NHWC)."""

@@ -1,0 +1,58 @@
+"""Names that say what ran: the algorithm and the batch-norm mode at test.
+
+`algorithm.name` is the learner (`maml` covers MAML, FOMAML and MAML++, which
+are presets of one implementation), so it cannot tell them apart. The label
+here can: `maml`, `fomaml`, `mamlpp` or `reptile`, or, for any other set of
+MAML++ switches, the nearer preset and the switches that differ from it
+(`maml+msl+lslr`, `mamlpp-da`, `mamlpp+first_order`). BNRS counts only under
+`model.bn_eval=running`, the one mode where per-step running statistics are read.
+
+Plain Python, no torch: scripts/summarize.py imports it.
+"""
+
+SWITCHES = ("msl", "da", "bnrs", "bnwb", "lslr", "ca")  # MAML++'s six fixes, paper order
+
+# What `model.bn_eval` means at meta-test, in words for tables and the console.
+BN_MODES = {
+    "batch": "transductive (batch statistics)",
+    "running": "running statistics",
+}
+
+
+def _get(node, key, default=None):
+    """node[key] for a dict or an OmegaConf node (or a dataclass)."""
+    if node is None:
+        return default
+    if isinstance(node, dict):
+        return node.get(key, default)
+    return getattr(node, key, default)
+
+
+def _text(value) -> str:
+    """An enum (from a structured config) or a plain string, as its value."""
+    return str(getattr(value, "value", value))
+
+
+def algorithm_label(cfg) -> str:
+    """fomaml, maml, mamlpp, reptile, or the nearer of maml/mamlpp with the switches
+    that set this run apart from it. `cfg` is a composed config (dict or OmegaConf)."""
+    algo = _get(cfg, "algorithm") or {}
+    name = _text(_get(algo, "name"))
+    if name != "maml":
+        return name
+    # bnrs acts only where evaluation reads running statistics: under transductive
+    # evaluation (the published protocol) it changes nothing, so it does not count.
+    switches = [s for s in SWITCHES if s != "bnrs" or bn_mode(cfg) == "running"]
+    on = [s for s in switches if _get(algo, s, False)]
+    off = [s for s in switches if s not in on]
+    first_order = bool(_get(algo, "first_order", False))
+    # Name a set from the preset it is closer to, first order counting as one more
+    # difference from MAML++ (ties go to MAML).
+    if len(off) + first_order < len(on):
+        return "mamlpp" + "".join(f"-{s}" for s in off) + "+first_order" * first_order
+    return ("fomaml" if first_order else "maml") + "".join(f"+{s}" for s in on)
+
+
+def bn_mode(cfg) -> str:
+    """model.bn_eval of a composed config: `batch` or `running`."""
+    return _text(_get(_get(cfg, "model") or {}, "bn_eval", "batch"))
