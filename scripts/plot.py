@@ -155,7 +155,13 @@ def _bars_of(c: dict) -> list[dict]:
 
 def plot_bars(configs: list[dict], shared: str, path: Path):
     rows = [(c, b) for c in configs for b in _bars_of(c)]
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows) + 4), 4.8))
+    # Tick labels: one override a line, so long configurations stay readable.
+    names = ["\n".join(c["label"].split() + [b["kind"]] * bool(b["kind"])) for c, b in rows]
+    lines = max((n.count("\n") + 1 for n in names), default=1)
+    width = max(
+        8.0, 0.07 * max((len(x) for n in names for x in n.split("\n")), default=1) * len(rows) + 3
+    )
+    fig, ax = plt.subplots(figsize=(width, 4.2 + 0.15 * lines))
     xs = range(len(rows))
     colours = {"": "tab:blue", "single": "tab:green"}
     for x, (c, b) in zip(xs, rows, strict=True):
@@ -169,8 +175,7 @@ def plot_bars(configs: list[dict], shared: str, path: Path):
         if paper is not None:
             ax.hlines(paper, x - 0.4, x + 0.4, color="red", linewidth=2, zorder=4,
                       label="published (full budget)")  # fmt: skip
-    names = [c["label"] + (f"\n{b['kind']}" if b["kind"] else "") for c, b in rows]
-    ax.set_xticks(list(xs), names, rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(list(xs), names, fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     lows = [min(b["accs"] + [b["mean"] - b["ci95"]]) for _, b in rows]
     ax.set_ylim(max(0.0, min(lows) - 5), 100)
