@@ -92,6 +92,9 @@ class TrainConfig:
     keep_best: int = 5  # best validation checkpoints kept on disk
     backend: Backend = Backend.auto
     vmap_chunk: int = 0  # tasks per vmap call; 0 = the whole meta-batch
+    # Second-order MAML: recompute each inner step in the backward sweep, so memory
+    # does not grow with the inner steps (algorithms/recompute.py). Same meta-gradient.
+    inner_checkpoint: bool = False
     # Speed switches (metatrain/algorithms/inner.py); none changes the maths beyond
     # rounding except amp_bf16.
     channels_last: str = "auto"  # auto | true | false: NHWC activations in the loop backend

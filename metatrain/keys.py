@@ -17,6 +17,7 @@ NON_MATH_KEYS = (
     "train.log_interval",
     "train.backend",  # loop and vmap agree to 1e-10 in float64 (tested)
     "train.vmap_chunk",
+    "train.inner_checkpoint",  # recomputed meta-gradient equals the unrolled one (tested)
     "train.channels_last",  # speed switches: same maths up to rounding
     "train.tf32",
     "train.amp_bf16",

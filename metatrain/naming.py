@@ -11,6 +11,8 @@ Plain Python, no torch: scripts/summarize.py imports it.
 """
 
 SWITCHES = ("msl", "da", "bnrs", "bnwb", "lslr", "ca")  # MAML++'s six fixes, paper order
+# MAML switches published as methods of their own (ANIL, Meta-SGD): the label leads with them.
+VARIANTS = ("anil", "metasgd")
 
 # What `model.bn_eval` means at meta-test, in words for tables and the console.
 BN_MODES = {
@@ -46,6 +48,9 @@ def algorithm_label(cfg) -> str:
     on = [s for s in switches if _get(algo, s, False)]
     off = [s for s in switches if s not in on]
     first_order = bool(_get(algo, "first_order", False))
+    variants = [v for v in VARIANTS if _get(algo, v, False)]
+    if variants:
+        return "+".join(variants) + "+first_order" * first_order + "".join(f"+{s}" for s in on)
     # Name a set from the preset it is closer to, first order counting as one more
     # difference from MAML++ (ties go to MAML).
     if len(off) + first_order < len(on):

@@ -120,6 +120,33 @@ SETTINGS = {
         "50 Adam steps on batches of 10 per task",
     ),
 }
+# MAML, ANIL and Meta-SGD 5-way 1-shot on MiniImageNet-sized input (MAML's row: meta-batch
+# 4, 15 queries; Meta-SGD one step), with conv4 (32 filters) and with ResNet-12.
+for _model, _extra in (("", []), ("-resnet12", ["model=resnet12"])):
+    for _algo, _phase in (
+        ("maml", "second order, 5 steps"),
+        ("anil", "second order, 5 head-only steps"),
+        ("metasgd", "second order, 1 step, per-element rates"),
+    ):
+        SETTINGS[f"{_algo}{_model}-miniimagenet-5w1s"] = (
+            f"{_algo}_miniimagenet_5w1s",
+            _extra,
+            0,
+            f"{_phase}, meta-batch 4",
+        )
+# Peak memory and time against inner steps, second order, one task (meta-batch 1), with
+# and without train.inner_checkpoint (steps recomputed in the backward sweep).
+for _model, _extra in (("conv4", []), ("resnet12", ["model=resnet12"])):
+    for _k in (1, 5, 10, 25):
+        for _ckpt in (False, True):
+            SETTINGS[f"steps-{_model}-{_k}{'-ckpt' if _ckpt else ''}"] = (
+                "maml_miniimagenet_5w1s",
+                [*_extra, "algorithm.meta_batch=1", f"algorithm.train_steps={_k}"]
+                + [f"train.inner_checkpoint={str(_ckpt).lower()}"],
+                0,
+                f"second order, {_k} steps, meta-batch 1" + (", recomputed" if _ckpt else ""),
+            )
+STEPS = [n for n in SETTINGS if n.startswith("steps-")]
 MAIN = [
     "maml-omniglot-5w1s",
     "fomaml-omniglot-5w1s",

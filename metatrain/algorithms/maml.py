@@ -11,9 +11,22 @@ bnrs (per-step batch-norm running statistics), bnwb (per-step batch-norm
 weights and biases), lslr (learned per-layer per-step inner rates), ca
 (cosine-annealed meta learning rate).
 
+Raghu, Raghu, Bengio, Vinyals. "Rapid Learning or Feature Reuse? Towards
+Understanding the Effectiveness of MAML", ICLR 2020: ANIL, `anil`, adapts only
+the head in the inner loop; the trunk is meta-learned through the query loss.
+Its features do not change during adaptation, so they are computed once per
+task (per step only where the trunk itself varies with the step: BNWB, or BNRS
+at evaluation).
+
+Li, Zhou, Chen, Li. "Meta-SGD: Learning to Learn Quickly for Few-Shot
+Learning", 2017: `metasgd`, a learned inner rate per parameter element
+(metatrain/algorithms/rates.py).
+
 The task function is written once; the per-task loop computes inner gradients
 with torch.autograd.grad, the batched backend with torch.func.grad under
 torch.func.vmap. Both give the same meta-gradient (tests/test_maml.py).
+With train.inner_checkpoint, second-order meta-gradients are computed by
+recomputing each inner step during the backward sweep (recompute.py).
 """
 
 from dataclasses import dataclass
@@ -23,9 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from metatrain.algorithms import MetaLearner
+from metatrain.algorithms.anil import task_passes
 from metatrain.algorithms.inner import GRADS, SpeedOptions, pick_backend
 from metatrain.algorithms.maml_groups import run_tasks
+from metatrain.algorithms.rates import InnerRates
+from metatrain.algorithms.recompute import accumulate_grads, recomputed_task
 from metatrain.config import AlgorithmConfig
+from metatrain.errors import MetatrainError
 from metatrain.models.conv4 import to_channels_last
 from metatrain.models.task_groups import supports
 from metatrain.registry import LEARNERS
@@ -34,7 +51,7 @@ from metatrain.task_batch import TaskBatch
 
 @dataclass
 class MamlConfig(AlgorithmConfig):
-    """MAML, FOMAML and MAML++ are presets of this one schema."""
+    """MAML, FOMAML, MAML++, ANIL and Meta-SGD are presets of this one schema."""
 
     name: str = "maml"
     first_order: bool = False
@@ -51,6 +68,8 @@ class MamlConfig(AlgorithmConfig):
     lslr: bool = False  # learned per-layer per-step inner learning rates
     ca: bool = False  # cosine annealing of the meta learning rate
     min_lr: float = 1e-5
+    anil: bool = False  # ANIL (Raghu et al. 2020): only the head adapts in the inner loop
+    metasgd: bool = False  # Meta-SGD (Li et al. 2017): learned per-element inner rates
 
 
 def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
@@ -67,23 +86,6 @@ def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
     w = [max(1.0 / steps - epoch * decay, floor)] * (steps - 1)
     w.append(min(1.0 / steps + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor))
     return w
-
-
-class InnerRates(nn.Module):
-    """LSLR: one learned inner learning rate per parameter tensor per step."""
-
-    def __init__(self, names: list[str], steps: int, init: float, dtype=torch.float32):
-        super().__init__()
-        self.rates = nn.ParameterDict(
-            {
-                n.replace(".", "-"): nn.Parameter(torch.full((steps,), float(init), dtype=dtype))
-                for n in names
-            }
-        )
-
-    def get(self, name: str, step: int) -> torch.Tensor:
-        r = self.rates[name.replace(".", "-")]
-        return r[min(step, r.shape[0] - 1)]
 
 
 @LEARNERS.register("maml", MamlConfig)
@@ -107,14 +109,30 @@ class Maml(MetaLearner):
         self.bn_running = bn_eval == "running"
         self.device = device
         self.speed = SpeedOptions.from_config(train_cfg, device)
+        if cfg.lslr and cfg.metasgd:
+            raise MetatrainError(
+                "algorithm.lslr and algorithm.metasgd both learn the inner rates; switch one off"
+            )
+        self.recompute = bool(getattr(train_cfg, "inner_checkpoint", False))
+        if self.recompute and getattr(model, "stochastic", False):
+            raise MetatrainError(
+                "train.inner_checkpoint recomputes inner steps and cannot replay random "
+                "DropBlock masks; set model.dropblock=0 or train.inner_checkpoint=false"
+            )
         params = model.params()
         # Per-step BN affine parameters are meta-learned only, never adapted (MAML++).
         frozen = set(model.norm_names) if cfg.bnwb else set()
-        self.adapted = [n for n in params if n not in frozen]
+        if cfg.anil:
+            self.adapted = list(model.head_names)
+        else:
+            self.adapted = [n for n in params if n not in frozen]
         self.net = nn.ModuleDict({"model": model})
-        if cfg.lslr:
+        if cfg.lslr or cfg.metasgd:
+            shapes = {n: tuple(params[n].shape) for n in self.adapted}
             dtype = next(iter(params.values())).dtype
-            self.net["rates"] = InnerRates(self.adapted, cfg.train_steps, cfg.inner_lr, dtype)
+            self.net["rates"] = InnerRates(
+                shapes, cfg.train_steps, cfg.inner_lr, cfg.metasgd, dtype
+            )
         self.net.to(device)
         # One fused kernel for the whole update on a GPU; the for-each kernels elsewhere.
         fused = device.type == "cuda"
@@ -148,8 +166,9 @@ class Maml(MetaLearner):
         faster one for this device and this size of inner-loop batch."""
         pixels = None if batch is None else batch.xs[0].numel() // batch.xs.shape[2]
         requested = self.train_cfg.backend.value
-        if requested == "groups" and (self.speed.amp_bf16 or not supports(self.model)):
-            requested = "auto"  # groups run without autocast, on Conv4
+        usable = self._groups_ok() and not (second_order and self.recompute)
+        if requested == "groups" and not usable:
+            requested = "auto"  # see _groups_ok; recomputed steps run per task or vmapped
         return pick_backend(requested, self.device, second_order, pixels, groups_ok=False)
 
     def backend_for(self, batch: TaskBatch, iteration: int, evaluation: bool = False) -> str:
@@ -157,12 +176,28 @@ class Maml(MetaLearner):
             return "groups" if self._eval_groups() else self.backend(False, batch)
         return self.backend(self.second_order(iteration), batch)
 
+    def _groups_ok(self) -> bool:
+        """Channel groups (task_groups.py) run the backbones that support them, without
+        bf16 autocast."""
+        return supports(self.model) and not self.speed.amp_bf16
+
+    def _eval_groups(self) -> bool:
+        """Whether evaluation runs the task batch as channel groups: its steps are first
+        order; compiled models keep the per-task paths they were written for."""
+        if not self._groups_ok() or self._compiled is not None:
+            return False
+        requested = self.train_cfg.backend.value
+        return pick_backend(requested, self.device, False, groups_ok=True) == "groups"
+
     # -- one task -----------------------------------------------------------
 
-    def _sgd(self, p, g, name: str, step: int):
-        """p - lr * g in one op: a fixed rate, or LSLR's learned one."""
-        if self.cfg.lslr:
-            return torch.addcmul(p, self.net["rates"].get(name, step), g, value=-1)
+    def _rates(self) -> dict | None:
+        return self.net["rates"].tensors() if "rates" in self.net else None
+
+    def _sgd(self, p, g, name: str, step: int, rates: dict | None):
+        """p - lr * g in one op: a fixed rate, or a learned one (LSLR, Meta-SGD)."""
+        if rates is not None:
+            return torch.addcmul(p, self.net["rates"].pick(rates[name], step), g, value=-1)
         return torch.add(p, g, alpha=-self.cfg.inner_lr)
 
     def _model(self, differentiated_twice: bool):
@@ -172,10 +207,10 @@ class Maml(MetaLearner):
             return self.model
         return self._compiled
 
-    def _task(self, params, xs, ys, xq, yq, steps, weights, create_graph, backend, running):
+    def _task(self, params, rates, xs, ys, xq, yq, steps, weights, create_graph, backend, running):
         """Adapt on one task's support set; weighted query loss, final accuracy, final
         query logits and the support batches' normalisation statistics
-        (steps, blocks, 2, C)."""
+        (steps, *the backbone's statistics shape))."""
         fast = dict(params)
         loss = xq.new_zeros(())
         stats = []
@@ -186,19 +221,23 @@ class Maml(MetaLearner):
         compiled = backend == "loop" and not (self.speed.cuda_graphs and create_graph)
         support_model = self._model(create_graph or not compiled)
         query_model = self._model(not compiled)  # the outer backward goes through it once
+        support, query, prepare = task_passes(
+            self.model, params, xs, xq, running, support_model, query_model, self.cfg.anil
+        )
         for i in range(steps):
+            prepare(i)
 
             def support_loss(adapted, i=i):
-                out, s = support_model({**fast, **adapted}, xs, step=i, running=running)
+                out, s = support({**fast, **adapted}, i)
                 return F.cross_entropy(out, ys), s
 
             grads, s = grads_fn(support_loss, {n: fast[n] for n in self.adapted}, create_graph)
             stats.append(s)
-            fast.update({n: self._sgd(fast[n], grads[n], n, i) for n in self.adapted})
+            fast.update({n: self._sgd(fast[n], grads[n], n, i, rates) for n in self.adapted})
             # The query pass runs where the loss uses it, and at the last step for the
             # accuracy and logits; never twice for one step.
             if weights[i] != 0.0 or i == steps - 1:
-                logits, _ = query_model(fast, xq, step=i, running=running)
+                logits, _ = query(fast, i)
                 if weights[i] != 0.0:
                     loss = loss + weights[i] * F.cross_entropy(logits, yq)
         acc = (logits.argmax(-1) == yq).float().mean()
@@ -206,25 +245,34 @@ class Maml(MetaLearner):
 
     # -- a batch of tasks -----------------------------------------------------
 
-    def _tasks(self, batch, params, steps, weights, create_graph, backend, running, backward):
+    def _tasks(
+        self, batch, params, rates, steps, weights, create_graph, backend, running, backward
+    ):
         """Run every task of the batch, one at a time (loop) or in vmapped chunks.
 
         With `backward`, the mean loss is backpropagated chunk by chunk so that
-        only one chunk's unrolled graph is alive at a time. Returns detached
-        (losses, accs, logits, stats), each stacked over tasks.
+        only one chunk's unrolled graph is alive at a time (with inner_checkpoint,
+        one inner step's). Returns detached (losses, accs, logits, stats), each
+        stacked over tasks.
         """
         n = len(batch)
         chunk = 1 if backend == "loop" else (self.train_cfg.vmap_chunk or n)
+        recompute = backward and create_graph and self.recompute
         self.speed.step_begin()
         xs, xq = batch.xs, batch.xq
         if backend == "loop" and self.speed.channels_last:
             # Once per batch, so that each task's slice is NHWC (vmap has no layouts).
             xs, xq = to_channels_last(xs), to_channels_last(xq)
+        if recompute:  # plain tensors in; the gradients come back as values
+            params = {k: p.detach() for k, p in params.items()}
+            rates = None if rates is None else {k: r.detach() for k, r in rates.items()}
 
         def one(xs, ys, xq, yq):
             with self.speed.autocast():
+                if recompute:
+                    return recomputed_task(self, params, rates, xs, ys, xq, yq, steps, weights)
                 return self._task(
-                    params, xs, ys, xq, yq, steps, weights, create_graph, backend, running
+                    params, rates, xs, ys, xq, yq, steps, weights, create_graph, backend, running
                 )
 
         parts = []
@@ -232,14 +280,20 @@ class Maml(MetaLearner):
             args = (xs[i : i + chunk], batch.ys[i : i + chunk], xq[i : i + chunk])
             args = (*args, batch.yq[i : i + chunk])
             if backend == "groups":
-                out = run_tasks(self, params, *args, steps, weights, create_graph, running)
+                out = run_tasks(self, params, rates, *args, steps, weights, create_graph, running)
             elif backend == "loop":
-                out = [x.unsqueeze(0) for x in one(*(a[0] for a in args))]
+                out = one(*(a[0] for a in args))
+                out = [*(x.unsqueeze(0) for x in out[:4]), *out[4:]]
             else:
-                out = torch.func.vmap(one, randomness="error")(*args)
-            if backward:
+                randomness = "different" if self.model.stochastic else "error"
+                out = list(torch.func.vmap(one, randomness=randomness)(*args))
+                if recompute:  # (chunk, ...) per-task gradients -> their sum
+                    out[4] = {g: {k: t.sum(0) for k, t in d.items()} for g, d in out[4].items()}
+            if recompute:
+                accumulate_grads(self.net, out[4], n)
+            elif backward:
                 (out[0].sum() / n).backward()
-            parts.append([x.detach() for x in out])
+            parts.append([x.detach() for x in out[:4]])
         if len(parts) == 1:
             return parts[0]
         return [torch.cat([p[k] for p in parts]) for k in range(4)]
@@ -251,6 +305,7 @@ class Maml(MetaLearner):
         losses, accs, _, stats = self._tasks(
             batch,
             self.model.params(),
+            self._rates(),
             self.cfg.train_steps,
             self.step_weights(iteration),
             second,
@@ -273,23 +328,16 @@ class Maml(MetaLearner):
         return {"loss": loss, "acc": acc}
 
     def predict(self, batch: TaskBatch) -> torch.Tensor:
-        steps = self.cfg.eval_steps
         backend = self.backend_for(batch, 0, evaluation=True)
+        steps = self.cfg.eval_steps
         params = {n: p.detach() for n, p in self.model.params().items()}
+        rates = self._rates()
+        rates = None if rates is None else {n: r.detach() for n, r in rates.items()}
         out = self._tasks(
-            batch, params, steps, [0.0] * steps, False, backend, self.bn_running, backward=False
+            batch, params, rates, steps, [0.0] * steps, False, backend, self.bn_running, False
         )
         logits = out[2]
         return logits.float() if logits.dtype == torch.bfloat16 else logits
-
-    def _eval_groups(self) -> bool:
-        """Whether evaluation runs the task batch as channel groups (task_groups.py):
-        its steps are first order; bf16 autocast and compiled models keep the
-        per-task paths they were written for."""
-        if self.speed.amp_bf16 or self._compiled is not None or not supports(self.model):
-            return False
-        requested = self.train_cfg.backend.value
-        return pick_backend(requested, self.device, False, groups_ok=True) == "groups"
 
     # -- checkpoints ----------------------------------------------------------
 

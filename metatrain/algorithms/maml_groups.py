@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from metatrain.models import task_groups
 
 
-def run_tasks(learner, params, xs, ys, xq, yq, steps, weights, create_graph, running):
+def run_tasks(learner, params, rates, xs, ys, xq, yq, steps, weights, create_graph, running):
     """Per task: weighted query loss (T,), final accuracy (T,), final query logits
     (T, Nq, ways) and the support batches' statistics (T, steps, blocks, 2, C)."""
     tasks, model = xs.shape[0], learner.model
@@ -35,7 +35,7 @@ def run_tasks(learner, params, xs, ys, xq, yq, steps, weights, create_graph, run
             g = torch.autograd.grad(loss, [adapted[n] for n in names], create_graph=create_graph)
         stats.append(s)
         for n, gn in zip(names, g):
-            fast[n] = learner._sgd(adapted[n], gn, n, i)
+            fast[n] = learner._sgd(adapted[n], gn, n, i, rates)
             if not meta:
                 fast[n] = fast[n].detach()
         if weights[i] != 0.0 or i == steps - 1:

@@ -64,6 +64,11 @@ class Backbone(nn.Module):
         return {self._dotted[n]: p for n, p in self.named_parameters()}
 
     @property
+    def stochastic(self) -> bool:
+        """Whether a forward pass in the current mode draws random numbers."""
+        return False
+
+    @property
     def head_names(self) -> tuple[str, ...]:
         return HEAD
 
