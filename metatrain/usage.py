@@ -9,6 +9,7 @@ a "did you mean", and `--help` lists every group's real options (the typed
 
 import difflib
 import re
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -17,7 +18,16 @@ from omegaconf import OmegaConf
 
 from metatrain.errors import MetatrainError
 
-GROUPS = ("algorithm", "dataset", "model", "logger", "experiment", "ablation", "hydra/launcher")
+# Listed first in --help, in this order; any other folder of conf/ follows.
+FIRST = ("algorithm", "dataset", "model", "network", "logger", "experiment", "ablation")
+
+
+def groups(conf_dir: str) -> list[str]:
+    """Every config group a user picks from: conf/'s folders, and Hydra's launchers."""
+    found = sorted(p.name for p in Path(conf_dir).iterdir() if p.is_dir() and p.name != "hydra")
+    return (
+        [g for g in FIRST if g in found] + [g for g in found if g not in FIRST] + ["hydra/launcher"]
+    )
 
 
 def group_options(group: str) -> list[str]:
@@ -40,8 +50,8 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def _unknown_key(key: str, default) -> MetatrainError:
-    keys = _keys(OmegaConf.to_container(default, resolve=False)) + list(GROUPS)
+def _unknown_key(key: str, default, group_names: list[str]) -> MetatrainError:
+    keys = _keys(OmegaConf.to_container(default, resolve=False)) + group_names
     hint = _suggest(key.lstrip("+~"), keys)
     return MetatrainError(
         f"unknown key {key}{hint or ''}" + ("" if hint else " (metatrain --help lists every key)")
@@ -74,7 +84,7 @@ def check(conf_dir: str, overrides: list[str]) -> None:
         default = compose("config")
         for o in parsed:  # every value of a swept group must name an option
             group = o.get_key_element().lstrip("+~")
-            if group in GROUPS or "/" in group:
+            if group in groups(conf_dir) or "/" in group:
                 if type(o.value()).__name__ == "Glob":
                     continue
                 values = list(o.sweep_string_iterator()) if o.is_sweep_override() else None
@@ -83,7 +93,7 @@ def check(conf_dir: str, overrides: list[str]) -> None:
         try:
             compose("config", overrides=_first_values(parsed), return_hydra_config=True)
         except Exception as e:  # noqa: BLE001 - translated to one line below
-            raise _translate(e, default) from None
+            raise _translate(e, default, groups(conf_dir)) from None
 
 
 def _check_option(group: str, option: str) -> None:
@@ -95,7 +105,7 @@ def _check_option(group: str, option: str) -> None:
         )
 
 
-def _translate(e: Exception, default) -> MetatrainError:
+def _translate(e: Exception, default, group_names: list[str]) -> MetatrainError:
     text = f"{e}\n{e.__cause__ or ''}"
     found = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
     if found:
@@ -107,7 +117,7 @@ def _translate(e: Exception, default) -> MetatrainError:
     if "An item is already at" in text and key:
         return MetatrainError(f"{key.group(1)} exists: set it without the leading +")
     if key and re.search(r"not in struct|No match in the defaults|not in '", text):
-        return _unknown_key(key.group(1), default)
+        return _unknown_key(key.group(1), default, group_names)
     full_key = re.search(r"full_key: (\S+)", text)
     first = next((ln for ln in str(e.__cause__ or e).splitlines() if ln.strip()), str(e))
     where = f"{full_key.group(1)}: " if full_key and full_key.group(1) not in first else ""
@@ -117,14 +127,14 @@ def _translate(e: Exception, default) -> MetatrainError:
 def help_text(conf_dir: str, overrides: list[str]) -> str:
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         cfg = compose("config", overrides=_first_values(_parse(overrides)))
-        groups = [f"  {g}: {', '.join(group_options(g))}" for g in GROUPS]
+        listed = [f"  {g}: {', '.join(group_options(g))}" for g in groups(conf_dir)]
         hydra_help = compose("config", return_hydra_config=True).hydra.help
     return "\n".join(
         [
             hydra_help.header,
             "",
             "Config groups (group=option):",
-            *groups,
+            *listed,
             "",
             hydra_help.footer,
             "",

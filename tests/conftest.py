@@ -89,7 +89,7 @@ def metatrain_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "metatrain.cli"]
 
 
-def run_cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 900, **popen) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     return subprocess.run(
         [*metatrain_cmd(), *args],

@@ -197,3 +197,30 @@ def test_an_undone_step_restores_parameters_and_optimiser_exactly(monkeypatch):
     for i, s in before["optimizer"]["state"].items():
         for k, v in s.items():
             assert torch.equal(v, after["optimizer"]["state"][i][k]), (i, k)
+
+
+def test_a_handler_found_before_ours_acts_after_the_save(capsys):
+    """Under Slurm, submitit's SIGUSR2 handler requeues the job: it must still run,
+    after last.pt holds the iteration reached, and before the exit."""
+    seen = []
+
+    def requeue(signum, frame):
+        seen.append(signum)
+        raise SystemExit(-1)  # what submitit does once the job is requeued
+
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        interrupt.install()
+        os.kill(os.getpid(), signal.SIGUSR2)  # outside a run: raised at once
+    except interrupt.Interrupted as e:
+        assert e.signum == signal.SIGUSR2
+        with pytest.raises(SystemExit) as exited:
+            interrupt.exit_after(e)
+        assert exited.value.code == -1 and seen == [signal.SIGUSR2]
+    else:
+        pytest.fail("the signal did not interrupt")
+    finally:
+        interrupt.uninstall()
+        interrupt.clear()
+        signal.signal(signal.SIGUSR2, previous)
+    assert "interrupted" in capsys.readouterr().err

@@ -31,8 +31,12 @@ def test_short_run_writes_one_row_per_log_and_validation(omniglot_data, tmp_path
         assert {"wall_time_s", "val/acc", "val/acc_ci95"} <= set(r)
     walls = [r["wall_time_s"] for r in rows]
     assert walls == sorted(walls) and walls[0] > 0
+    # Accuracy in percent in every row: a fraction never exceeds 1, a 5-way percent does.
+    assert all(r["train/acc"] > 1 for r in train) and max(r["train/acc"] for r in train) <= 100
     results = json.loads((tmp_path / "results.json").read_text())
     assert test[0]["test/acc"] == pytest.approx(results["test"]["acc"])
+    for kind in ("single", "ensemble"):
+        assert test[0][f"test/{kind}_acc"] == pytest.approx(results["test"][kind]["acc"])
 
     # stderr is a pipe here, not a terminal: one plain line per log interval.
     lines = re.findall(r"iteration (\d+)/30 .*it/s  ETA \d+:\d\d:\d\d", out.stderr)

@@ -31,9 +31,9 @@ def test_killed_sweep_resumes_unfinished_cells_and_skips_finished(omniglot_data,
     args = [
         "-m",
         *TINY,
-        "train.iterations=150",
+        "train.iterations=40",
         "train.checkpoint_interval=5",
-        "train.val_interval=50",
+        "train.val_interval=20",
         "seed=0,1",
         f"hydra.sweep.dir={sweep}",
     ]
@@ -63,7 +63,7 @@ def test_killed_sweep_resumes_unfinished_cells_and_skips_finished(omniglot_data,
     assert f"resuming {second} at iteration" in again.stderr
     assert (first / "results.json").read_bytes() == first_results
     results = json.loads((second / "results.json").read_text())
-    assert results["iterations"] == 150 and results["overrides"][-1] == "seed=1"
+    assert results["iterations"] == 40 and results["overrides"][-1] == "seed=1"
 
 
 def test_failed_cell_is_recorded_and_the_sweep_goes_on(omniglot_data, tmp_path):
