@@ -167,7 +167,7 @@ def test_checkpoint_from_another_config_is_refused(omniglot_data, tmp_path):
     "override, fragment",
     [
         ("train.iteratons=5", "unknown key train.iteratons; did you mean train.iterations?"),
-        ("algorithm=nosuch", "algorithm=nosuch is not an option (algorithm: fomaml, maml,"),
+        ("algorithm=nosuch", "algorithm=nosuch is not an option (algorithm: anil, fomaml, maml,"),
         ("algorithm=mamlp", "did you mean mamlpp?"),
         ("+train.iterations=5", "train.iterations exists: set it without the leading +"),
         ("train.iterations=abc", "train.iterations: Value 'abc'"),
@@ -190,7 +190,7 @@ def test_help_lists_real_options_of_every_group():
     out = run_cli("--help", timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "hydra/launcher: basic, joblib, local, slurm" in out.stdout
-    assert "algorithm: fomaml, maml, mamlpp, reptile\n" in out.stdout
+    assert "algorithm: anil, fomaml, maml, mamlpp, metasgd, reptile\n" in out.stdout
     assert "_schema" not in out.stdout
 
 

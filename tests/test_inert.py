@@ -69,4 +69,4 @@ def test_run_prints_the_warning_at_start(omniglot_data, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     line = "warning: algorithm.da=true changes nothing: algorithm.first_order=true"
     assert out.stderr.count(line) == 1
-    assert out.stderr.index(line) < out.stderr.index("test accuracy")
+    assert out.stderr.index(line) < out.stderr.index("test, single model")

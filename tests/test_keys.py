@@ -23,6 +23,7 @@ NON_MATH_OVERRIDES = {
     "train.amp_bf16": "train.amp_bf16=true",
     "train.compile": "train.compile=true",
     "train.cuda_graphs": "train.cuda_graphs=true",
+    "train.inner_checkpoint": "train.inner_checkpoint=true",
     "train.nonfinite": "train.nonfinite=skip",
     "train.nonfinite_patience": "train.nonfinite_patience=3",
     "eval.batch": "eval.batch=3",
