@@ -92,7 +92,9 @@ def test_other_protocols_write_their_own_file_and_touch_nothing_else(runs, overr
     assert record["overrides"] == overrides
     p = record["protocol"]
     assert record["single"]["tasks"] == record["ensemble"]["tasks"] == p["tasks"]
-    assert 0 <= record["single"]["acc"] <= 100 and record["single"]["ci95"] > 0
+    # >= 0: with running statistics a briefly trained network may predict one class
+    # everywhere, scoring exactly 1/ways on every task (a zero-width interval).
+    assert 0 <= record["single"]["acc"] <= 100 and record["single"]["ci95"] >= 0
     if "dataset.ways=3" in overrides:
         assert p["ways"] == 3 and p["trained_ways"] == 5 and record["bn_eval"] == "running"
     if "eval.test_from=last" in overrides:
