@@ -145,7 +145,11 @@ def test_dropblock_drops_about_p_and_only_in_training():
 
 def test_config_group_builds_it_with_per_step_batch_norm():
     cfg = make_cfg(
-        "model=resnet12", "model.width=0.05", "algorithm=mamlpp", "algorithm.bnrs=true", "logger=none"
+        "model=resnet12",
+        "model.width=0.05",
+        "algorithm=mamlpp",
+        "algorithm.bnrs=true",
+        "logger=none",
     )
     model = build_model(cfg, CPU)
     assert isinstance(model, ResNet12)
