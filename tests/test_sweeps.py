@@ -172,7 +172,10 @@ def test_parallel_sweep_stops_every_cell_on_a_signal_to_the_launcher(omniglot_da
     )
     deadline = time.time() + 900  # generous: a loaded machine can be slow
     while time.time() < deadline and proc.poll() is None:
-        if len(list(tmp_path.glob("*/checkpoints/best-*.pt"))) >= 2:
+        # Both cells under way: each has written a validation checkpoint (under load
+        # the second worker can start long after the first has made several).
+        started = {p.parent.parent.name for p in tmp_path.glob("*/checkpoints/best-*.pt")}
+        if len(started) == 2:
             proc.send_signal(signal.SIGTERM)  # to the launching process only
             break
         time.sleep(0.05)
