@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,22 @@ def random_tasks(tasks=3, ways=3, shots=2, queries=3, size=16, channels=1, seed=
 def metatrain_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "metatrain"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "metatrain.cli"]
+
+
+def signal_cli_when(ready, sig: int, *args: str, stderr=subprocess.DEVNULL, timeout=900):
+    """Start metatrain with args and send it sig once ready() holds (polled; a loaded
+    machine can be slow, hence the generous timeout). Returns the process, unreaped."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(
+        [*metatrain_cmd(), *args], stdout=subprocess.DEVNULL, stderr=stderr, env=env
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            proc.send_signal(sig)
+            break
+        time.sleep(0.05)
+    return proc
 
 
 def run_cli(*args: str, timeout: float = 900, **popen) -> subprocess.CompletedProcess:

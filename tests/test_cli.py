@@ -1,15 +1,12 @@
 """The `metatrain` command end to end on real Omniglot: runs, resume, errors."""
 
 import json
-import os
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
-from tests.conftest import TINY, metatrain_cmd, run_cli
+from tests.conftest import TINY, run_cli, signal_cli_when
 
 
 def final_state(run_dir):
@@ -61,20 +58,13 @@ def test_killed_run_resumes_to_the_same_parameters(omniglot_data, tmp_path, algo
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert run_cli(*args, f"hydra.run.dir={whole}").returncode == 0
 
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.Popen(
-        [*metatrain_cmd(), *args, f"hydra.run.dir={broken}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
     last = broken / "checkpoints" / "last.pt"
-    deadline = time.time() + 900  # generous: a loaded machine can be slow
-    while time.time() < deadline and proc.poll() is None:
-        if last.exists() and final_state(broken)[0] >= 10:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
+    proc = signal_cli_when(
+        lambda: last.exists() and final_state(broken)[0] >= 10,
+        signal.SIGKILL,
+        *args,
+        f"hydra.run.dir={broken}",
+    )
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = final_state(broken)[0]
     assert 10 <= killed_at < 80

@@ -6,7 +6,6 @@ import math
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from metatrain.data.tasks import TaskBatch
 from metatrain.errors import MetatrainError
 from metatrain.nonfinite import NonFiniteGuard, _clone
 from metatrain.train import build_model, train
-from tests.conftest import make_cfg, metatrain_cmd, random_tasks, run_cli
+from tests.conftest import make_cfg, random_tasks, run_cli, signal_cli_when
 
 ARGS = [
     "logger=none",
@@ -94,16 +93,12 @@ def test_signal_then_rerun_ends_where_an_uninterrupted_run_ends(
 
 def test_cli_signal_exits_with_one_line_and_the_conventional_code(omniglot_data, tmp_path):
     args = [*ARGS, "train.iterations=400", "train.val_interval=2", f"hydra.run.dir={tmp_path}"]
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.Popen(
-        [*metatrain_cmd(), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    proc = signal_cli_when(
+        lambda: any((tmp_path / "checkpoints").glob("best-*.pt")),
+        signal.SIGTERM,
+        *args,
+        stderr=subprocess.PIPE,
     )
-    deadline = time.time() + 900  # generous: a loaded machine can be slow
-    while time.time() < deadline and proc.poll() is None:
-        if any((tmp_path / "checkpoints").glob("best-*.pt")):
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.05)
     _, err = proc.communicate(timeout=900)
     err = err.decode()
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]

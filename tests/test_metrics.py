@@ -1,17 +1,15 @@
 """RUN_DIR/metrics.jsonl and the plain log lines written when stderr is a file."""
 
 import json
-import os
 import re
 import signal
-import subprocess
 import time
 
 import pytest
 import torch
 
 from metatrain.metrics import MetricsFile, read_metrics
-from tests.conftest import TINY, metatrain_cmd, run_cli
+from tests.conftest import TINY, run_cli, signal_cli_when
 
 
 def test_short_run_writes_one_row_per_log_and_validation(omniglot_data, tmp_path):
@@ -72,22 +70,16 @@ def test_sigkill_and_resume_leave_each_iteration_once(omniglot_data, tmp_path):
         "train.checkpoint_interval=10",
         f"hydra.run.dir={tmp_path}",
     ]
-    proc = subprocess.Popen(
-        [*metatrain_cmd(), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "WANDB_MODE": "offline"},
-    )
     last = tmp_path / "checkpoints" / "last.pt"
-    deadline = time.time() + 600  # generous: a loaded machine can be slow
-    while time.time() < deadline and proc.poll() is None:
-        if last.exists() and _iteration(last) >= 20:
-            # Let it write rows past the checkpoint before the kill, when it can.
-            logged = [r["iteration"] for r in read_metrics(tmp_path)]
-            if logged and logged[-1] > _iteration(last):
-                proc.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.02)
+
+    def rows_past_a_checkpoint():
+        # Let it write rows past the checkpoint before the kill, when it can.
+        if not (last.exists() and _iteration(last) >= 20):
+            return False
+        logged = [r["iteration"] for r in read_metrics(tmp_path)]
+        return bool(logged) and logged[-1] > _iteration(last)
+
+    proc = signal_cli_when(rows_past_a_checkpoint, signal.SIGKILL, *args, timeout=600)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
 
     resumed = run_cli(*args)

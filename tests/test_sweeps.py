@@ -1,18 +1,16 @@
 """Multirun sweeps: cell directories, resume of a killed sweep, W&B naming, presets."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from metatrain.logging import _start_wandb
-from tests.conftest import REPO, TINY, make_cfg, metatrain_cmd, run_cli
+from tests.conftest import REPO, TINY, make_cfg, run_cli, signal_cli_when
 from tests.test_ablation_cells import sweep_cells
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -37,21 +35,14 @@ def test_killed_sweep_resumes_unfinished_cells_and_skips_finished(omniglot_data,
         "seed=0,1",
         f"hydra.sweep.dir={sweep}",
     ]
-    proc = subprocess.Popen(
-        [*metatrain_cmd(), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "WANDB_MODE": "offline"},
-    )
-    second = None
-    deadline = time.time() + 900  # generous: a loaded machine can be slow
-    while time.time() < deadline and proc.poll() is None:
-        if second is None and len(list(sweep.glob("*/.hydra"))) == 2:
-            second = cell(sweep, "seed=1") / "checkpoints" / "last.pt"
-        if second and second.exists() and torch.load(second, weights_only=True)["iteration"] >= 10:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
+
+    def second_cell_past_ten():
+        if len(list(sweep.glob("*/.hydra"))) < 2:
+            return False
+        last = cell(sweep, "seed=1") / "checkpoints" / "last.pt"
+        return last.exists() and torch.load(last, weights_only=True)["iteration"] >= 10
+
+    proc = signal_cli_when(second_cell_past_ten, signal.SIGKILL, *args)
     assert proc.wait() == -signal.SIGKILL, "the sweep ended before it could be killed"
     first, second = cell(sweep, "seed=0"), cell(sweep, "seed=1")
     first_results = (first / "results.json").read_bytes()
@@ -164,21 +155,14 @@ def test_parallel_sweep_stops_every_cell_on_a_signal_to_the_launcher(omniglot_da
     args = ["-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", "seed=0,1"]
     args += [*TINY, "model.filters=4", "train.iterations=400", "train.val_interval=2"]
     args += ["train.checkpoint_interval=1000", f"hydra.sweep.dir={tmp_path}"]
-    proc = subprocess.Popen(
-        [*metatrain_cmd(), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "WANDB_MODE": "offline"},
-    )
-    deadline = time.time() + 900  # generous: a loaded machine can be slow
-    while time.time() < deadline and proc.poll() is None:
-        # Both cells under way: each has written a validation checkpoint (under load
-        # the second worker can start long after the first has made several).
-        started = {p.parent.parent.name for p in tmp_path.glob("*/checkpoints/best-*.pt")}
-        if len(started) == 2:
-            proc.send_signal(signal.SIGTERM)  # to the launching process only
-            break
-        time.sleep(0.05)
+
+    def both_cells_under_way():
+        # Each cell has written a validation checkpoint (under load the second worker
+        # can start long after the first has made several).
+        return len({p.parent.parent.name for p in tmp_path.glob("*/checkpoints/best-*.pt")}) == 2
+
+    # The signal goes to the launching process only.
+    proc = signal_cli_when(both_cells_under_way, signal.SIGTERM, *args, stderr=subprocess.PIPE)
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     line = err.decode().strip().splitlines()[-1]
