@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from metatrain.algorithms.inner import (
-    VMAP_CPU_MAX_PIXELS,
+    BATCHED_CPU_MAX_PIXELS,
     SpeedOptions,
     pick_backend,
     setup_device,
+    task_pixels,
 )
 from metatrain.algorithms.maml import Maml
 from metatrain.config import Backend
@@ -227,17 +228,20 @@ def test_bf16_autocast_stays_close_to_float32():
 def test_auto_backend_follows_its_documented_rule():
     cuda = torch.device("cuda")
     assert pick_backend("auto", cuda, True, 10**9) == "vmap"
-    assert pick_backend("auto", CPU, True, VMAP_CPU_MAX_PIXELS) == "vmap"
-    assert pick_backend("auto", CPU, False, VMAP_CPU_MAX_PIXELS + 1) == "loop"
+    assert pick_backend("auto", CPU, True, BATCHED_CPU_MAX_PIXELS) == "vmap"
+    assert pick_backend("auto", CPU, False, BATCHED_CPU_MAX_PIXELS + 1) == "loop"
     assert pick_backend("auto", CPU, False, None) == "loop"  # size unknown (Reptile)
     for explicit in ("loop", "vmap"):
         assert pick_backend(explicit, cuda, True, 1) == explicit
         assert pick_backend(explicit, CPU, True, 10**9) == explicit
-    # The learner measures the per-task support batch: images x H x W.
+    # The learner measures one task's support and query images: images x H x W.
     lrn = make("auto")
-    small = random_tasks(tasks=2, ways=3, shots=2, size=16)  # 6 x 16 x 16 = 1,536
-    assert lrn.backend(True, small) == "vmap"
-    big = random_tasks(tasks=2, ways=3, shots=2, size=40)  # 6 x 40 x 40 = 9,600
+    small = random_tasks(tasks=2, ways=3, shots=2, queries=3, size=16)  # 15 x 256 = 3,840
+    assert task_pixels(small.xs, small.xq) == 3840 and lrn.backend(True, small) == "vmap"
+    # 6 support images are 1,536 pixels, but 45 queries take the task past the limit.
+    many_queries = random_tasks(tasks=2, ways=3, shots=2, queries=15, size=16)  # 12,768
+    assert lrn.backend(True, many_queries) == "loop"
+    big = random_tasks(tasks=2, ways=3, shots=2, queries=1, size=40)  # 9 x 1,600 = 14,400
     assert lrn.backend(True, big) == "loop"
 
 

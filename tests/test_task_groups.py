@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metatrain.algorithms.inner import pick_backend
+from metatrain.algorithms.inner import BATCHED_CPU_MAX_PIXELS, pick_backend
 from metatrain.algorithms.maml import Maml
 from metatrain.algorithms.reptile import Reptile
 from metatrain.config import Backend
@@ -83,7 +83,8 @@ def test_maml_predictions_equal_the_per_task_loop(switches):
             for r in groups.net["rates"].parameters():
                 r.copy_(torch.tensor([0.3, 0.1, 0.2], dtype=r.dtype))
         loop.net.load_state_dict(groups.net.state_dict())
-    assert groups._eval_groups() and not loop._eval_groups()
+    assert groups.backend_for(batch, 0, True) == "groups"
+    assert loop.backend_for(batch, 0, True) == "loop"
     torch.testing.assert_close(groups.predict(batch), loop.predict(batch), rtol=1e-9, atol=1e-10)
 
 
@@ -110,10 +111,18 @@ def test_reptile_evaluation_and_meta_step_equal_the_per_task_loop(optimizer):
         torch.testing.assert_close(groups.model.running_stats(i), loop.model.running_stats(i))
 
 
-def test_auto_picks_groups_for_first_order_passes_on_cpu_only():
-    assert pick_backend("auto", CPU, False, 10**9, groups_ok=True) == "groups"
+def test_auto_picks_groups_for_small_first_order_passes_on_cpu_only():
+    limit = BATCHED_CPU_MAX_PIXELS
+    assert pick_backend("auto", CPU, False, limit, groups_ok=True) == "groups"
+    assert pick_backend("auto", CPU, False, limit + 1, groups_ok=True) == "loop"
+    assert pick_backend("auto", CPU, False, None, groups_ok=True) == "loop"
     assert pick_backend("auto", torch.device("cuda"), False, 1, groups_ok=True) == "vmap"
     assert pick_backend("groups", CPU, True, 10**9) == "groups"  # asked for: given
-    assert maml("auto").backend(True) == "loop"  # meta-training: the size rule
-    assert reptile("auto").backend() == "groups"
-    assert maml("auto")._eval_groups()
+    assert maml("auto").backend(True) == "loop"  # meta-training: the size rule, no groups
+    small = random_tasks(tasks=2, ways=3, shots=2, queries=1, size=16)  # 9 x 256 pixels
+    large = random_tasks(tasks=2, ways=3, shots=20, queries=1, size=28)  # 63 x 784
+    assert maml("auto").backend_for(small, 0, evaluation=True) == "groups"
+    assert maml("auto").backend_for(large, 0, evaluation=True) == "loop"
+    # Reptile's inner loop sees minibatches: 4 images of 28 x 28 are small.
+    assert reptile("auto").backend_for(large, 0) == "groups"
+    assert reptile("auto").backend_for(random_tasks(shots=20, size=48), 0) == "loop"  # 4 x 2,304

@@ -38,16 +38,26 @@ def grads_func(loss_fn, params: dict, create_graph: bool):
 
 GRADS = {"loop": grads_autograd, "vmap": grads_func}
 
-# Per-task inner-loop batch (images x height x width) up to which the vmapped task
-# batch is faster than the per-task loop on CPU. Measured with scripts/bench.py on
-# 2 cores, s/iter loop vs vmap: MAML Omniglot 5w1s (5 x 28 x 28 = 3,920 px) 0.44 vs
-# 0.27-0.30; Reptile 5w5s (batches of 10 x 28 x 28 = 7,840) 0.128 vs 0.116; MAML++
-# Omniglot 20w1s (15,680) 1.38-1.42 vs 1.75; MAML++ MiniImageNet (35,280) 1.9-2.1
-# vs 3.4; MAML Omniglot 20w1s and 5w5s (15,680 and 19,600) within 5% either way.
-# Small batches leave the loop bound by per-op overhead, which vmap pays once for
-# all tasks; large ones favour the loop's dense NHWC convolutions and pooling over
-# vmap's grouped NCHW ones.
-VMAP_CPU_MAX_PIXELS = 8192
+# Per-task images x height x width (support plus query) up to which batching the
+# tasks (vmap, or channel groups where the backbone has them) beats the per-task
+# loop on CPU. Small tasks leave the loop bound by per-op overhead, which a batched
+# pass pays once for all tasks; large ones favour the loop's dense NHWC
+# convolutions and pooling over grouped ones. Measured with scripts/bench.py, idle
+# 2-core AMD EPYC (AVX-512), 2 threads, s per iteration or per 50 evaluation tasks:
+#   MAML Omniglot 5w1s train (5+5 images, 7,840 px): vmap 0.23, loop 0.44 (naive 0.53)
+#   FOMAML Omniglot 5w1s, 15 queries (80 images, 62,720 px): loop 0.34, groups 0.44,
+#     vmap 0.48-0.63
+#   Reptile Omniglot 5w5s train (batches of 10, 7,840 px): groups 0.11, loop and vmap 0.17
+#   MAML++ Omniglot 20w1s train (40 images, 31,360 px): loop 1.95, vmap 2.5-3
+#   evaluation, MAML Omniglot 5w1s (3,920 px + queries): vmap 0.22, groups 0.26, loop 0.75
+#   evaluation, MAML++ Omniglot 20w1s (31,360 px): loop 3.2, groups 4.1, vmap 5.1
+#   evaluation, MAML++ MiniImageNet 5w1s (70,560 px): loop 8.0, groups 17.0
+BATCHED_CPU_MAX_PIXELS = 8192
+
+
+def task_pixels(*parts: torch.Tensor) -> int:
+    """Images x height x width of one task across `parts`, each (tasks, N, C, H, W)."""
+    return sum(x[0].numel() // x.shape[2] for x in parts)
 
 
 def pick_backend(
@@ -59,22 +69,21 @@ def pick_backend(
 ) -> str:
     """`loop`, `vmap` or `groups` for `requested` in auto|loop|vmap|groups.
 
-    `groups_ok`: auto may pick channel groups (models/task_groups.py) for this pass.
+    `pixels`: the images x H x W one task's pass touches (task_pixels), None if
+    unknown; `groups_ok`: auto may pick channel groups (models/task_groups.py).
 
-    auto: vmap on CUDA, where a per-task loop is launch-bound; on CPU groups where
-    possible (measured faster than both others for evaluation: Reptile Omniglot
-    5w5s, 50 steps, 1 thread, loaded machine: loop 2.9, vmap 5.1, groups 6.4
-    tasks/s), else vmap when the per-task inner batch (`pixels`: images x H x W,
-    None if unknown) is at most VMAP_CPU_MAX_PIXELS, else the loop. The derivative
-    order does not change the choice (both orders measured).
+    auto: vmap on CUDA, where a per-task loop is launch-bound. On CPU, tasks of at
+    most BATCHED_CPU_MAX_PIXELS run batched (groups where allowed, else vmap),
+    larger or unknown ones in the per-task loop. The derivative order does not
+    change the choice (both orders measured).
     """
     if requested != "auto":
         return requested
     if device.type == "cuda":
         return "vmap"
-    if groups_ok:
-        return "groups"
-    return "vmap" if pixels is not None and pixels <= VMAP_CPU_MAX_PIXELS else "loop"
+    if pixels is None or pixels > BATCHED_CPU_MAX_PIXELS:
+        return "loop"
+    return "groups" if groups_ok else "vmap"
 
 
 def to_bool_auto(value, name: str) -> bool | None:

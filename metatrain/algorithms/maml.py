@@ -37,7 +37,7 @@ from torch import nn
 
 from metatrain.algorithms import MetaLearner
 from metatrain.algorithms.anil import task_passes
-from metatrain.algorithms.inner import GRADS, SpeedOptions, pick_backend
+from metatrain.algorithms.inner import GRADS, SpeedOptions, pick_backend, task_pixels
 from metatrain.algorithms.maml_groups import run_tasks
 from metatrain.algorithms.rates import InnerRates
 from metatrain.algorithms.recompute import accumulate_grads, recomputed_task
@@ -162,9 +162,9 @@ class Maml(MetaLearner):
         return [0.0] * (steps - 1) + [1.0]
 
     def backend(self, second_order: bool, batch: TaskBatch | None = None) -> str:
-        """The execution backend for a task batch: train.backend, or with `auto` the
-        faster one for this device and this size of inner-loop batch."""
-        pixels = None if batch is None else batch.xs[0].numel() // batch.xs.shape[2]
+        """The meta-training backend for a task batch: train.backend, or with `auto`
+        the faster one for this device and this size of task (support + query)."""
+        pixels = None if batch is None else task_pixels(batch.xs, batch.xq)
         requested = self.train_cfg.backend.value
         usable = self._groups_ok() and not (second_order and self.recompute)
         if requested == "groups" and not usable:
@@ -173,7 +173,7 @@ class Maml(MetaLearner):
 
     def backend_for(self, batch: TaskBatch, iteration: int, evaluation: bool = False) -> str:
         if evaluation:
-            return "groups" if self._eval_groups() else self.backend(False, batch)
+            return self._eval_backend(batch)
         return self.backend(self.second_order(iteration), batch)
 
     def _groups_ok(self) -> bool:
@@ -181,13 +181,16 @@ class Maml(MetaLearner):
         bf16 autocast."""
         return supports(self.model) and not self.speed.amp_bf16
 
-    def _eval_groups(self) -> bool:
-        """Whether evaluation runs the task batch as channel groups: its steps are first
-        order; compiled models keep the per-task paths they were written for."""
-        if not self._groups_ok() or self._compiled is not None:
-            return False
+    def _eval_backend(self, batch: TaskBatch) -> str:
+        """Evaluation's backend. Its steps are first order, so `auto` may pick channel
+        groups (for small tasks; see pick_backend); compiled models keep the per-task
+        paths they were written for."""
+        groups_ok = self._groups_ok() and self._compiled is None
         requested = self.train_cfg.backend.value
-        return pick_backend(requested, self.device, False, groups_ok=True) == "groups"
+        if requested == "groups" and not groups_ok:
+            requested = "auto"
+        pixels = task_pixels(batch.xs, batch.xq)
+        return pick_backend(requested, self.device, False, pixels, groups_ok)
 
     # -- one task -----------------------------------------------------------
 

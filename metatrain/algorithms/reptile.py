@@ -87,12 +87,16 @@ class Reptile(MetaLearner):
         frac = iteration / max(self.train_cfg.iterations, 1)
         return (1 - frac) * self.cfg.meta_step + frac * self.cfg.meta_step_final
 
-    def backend(self) -> str:
+    def backend(self, xs: torch.Tensor | None = None, batch: int = 0) -> str:
+        """The backend for inner loops on minibatches of `batch` of the tasks' images
+        xs (tasks, N, C, H, W): train.backend, or with `auto` the faster one for this
+        device and minibatch size (pick_backend)."""
         requested = self.train_cfg.backend.value
         ok = task_groups.supports(self.model)
         if requested == "groups" and not ok:
             requested = "auto"
-        return pick_backend(requested, self.device, second_order=False, groups_ok=ok)
+        pixels = None if xs is None else min(batch, xs.shape[1]) * xs.shape[-2] * xs.shape[-1]
+        return pick_backend(requested, self.device, False, pixels, groups_ok=ok)
 
     def _update(self, p, g, m, v, step: int, lr: float):
         """One inner step of the configured optimiser; returns (p, m, v)."""
@@ -101,7 +105,8 @@ class Reptile(MetaLearner):
         return p - lr * g, m, v
 
     def backend_for(self, batch: TaskBatch, iteration: int, evaluation: bool = False) -> str:
-        return self.backend()
+        size = self.cfg.eval_batch if evaluation else self.cfg.inner_batch
+        return self.backend(batch.xs, size)
 
     def _inner(self, params, xs, ys, ids, lr, grads_fn):
         """Train one task from params on minibatches xs[ids[i]]; returns W and the
@@ -145,7 +150,7 @@ class Reptile(MetaLearner):
         """W for every task: dict of (tasks, *shape) tensors, plus mean statistics."""
         tasks, n = ys.shape
         ids = minibatch_ids(n, iters, min(batch, n), generator, tasks)
-        backend = self.backend()
+        backend = self.backend(xs, batch)
         grads_fn = GRADS.get(backend)
         lr = self.cfg.inner_lr
         if backend == "groups":
@@ -205,7 +210,7 @@ class Reptile(MetaLearner):
             phi, batch.xs, batch.ys, self.cfg.eval_iters, self.cfg.eval_batch, g
         )
         running = self.bn_running
-        if self.backend() == "groups":
+        if self.backend(batch.xs, self.cfg.eval_batch) == "groups":
             return task_groups.forward(self.model, w, batch.xq, running=running)[0]
 
         def query_logits(p, x):
