@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from metatrain.algorithms.inner import (
-    BATCHED_CPU_MAX_PIXELS,
+    VMAP_CPU_MAX_PIXELS,
     SpeedOptions,
     pick_backend,
     setup_device,
@@ -228,8 +228,8 @@ def test_bf16_autocast_stays_close_to_float32():
 def test_auto_backend_follows_its_documented_rule():
     cuda = torch.device("cuda")
     assert pick_backend("auto", cuda, True, 10**9) == "vmap"
-    assert pick_backend("auto", CPU, True, BATCHED_CPU_MAX_PIXELS) == "vmap"
-    assert pick_backend("auto", CPU, False, BATCHED_CPU_MAX_PIXELS + 1) == "loop"
+    assert pick_backend("auto", CPU, True, VMAP_CPU_MAX_PIXELS) == "vmap"
+    assert pick_backend("auto", CPU, False, VMAP_CPU_MAX_PIXELS + 1) == "loop"
     assert pick_backend("auto", CPU, False, None) == "loop"  # size unknown (Reptile)
     for explicit in ("loop", "vmap"):
         assert pick_backend(explicit, cuda, True, 1) == explicit

@@ -39,20 +39,22 @@ def grads_func(loss_fn, params: dict, create_graph: bool):
 GRADS = {"loop": grads_autograd, "vmap": grads_func}
 
 # Per-task images x height x width (support plus query) up to which batching the
-# tasks (vmap, or channel groups where the backbone has them) beats the per-task
-# loop on CPU. Small tasks leave the loop bound by per-op overhead, which a batched
-# pass pays once for all tasks; large ones favour the loop's dense NHWC
-# convolutions and pooling over grouped ones. Measured with scripts/bench.py, idle
-# 2-core AMD EPYC (AVX-512), 2 threads, s per iteration or per 50 evaluation tasks:
-#   MAML Omniglot 5w1s train (5+5 images, 7,840 px): vmap 0.23, loop 0.44 (naive 0.53)
-#   FOMAML Omniglot 5w1s, 15 queries (80 images, 62,720 px): loop 0.34, groups 0.44,
-#     vmap 0.48-0.63
-#   Reptile Omniglot 5w5s train (batches of 10, 7,840 px): groups 0.11, loop and vmap 0.17
+# tasks beats the per-task loop on CPU: vmap (any backbone, any derivative order)
+# up to VMAP_CPU_MAX_PIXELS, channel groups (conv4, first-order passes: evaluation
+# and Reptile) up to GROUPS_CPU_MAX_PIXELS. Small tasks leave the loop bound by
+# per-op overhead, which a batched pass pays once for all tasks; large ones favour
+# the loop's dense NHWC convolutions, whose working set is one task's. Measured with
+# scripts/bench.py on an idle 2-core AMD EPYC (AVX-512), 2 threads, s per iteration
+# or per batch of evaluation tasks:
+#   MAML Omniglot 5w1s train (5+5 images, 7,840 px): vmap 0.23, loop 0.44
+#   FOMAML Omniglot 5w1s, 15 queries (80 images, 62,720 px): loop 0.34, vmap 0.48-0.63
 #   MAML++ Omniglot 20w1s train (40 images, 31,360 px): loop 1.95, vmap 2.5-3
-#   evaluation, MAML Omniglot 5w1s (3,920 px + queries): vmap 0.22, groups 0.26, loop 0.75
-#   evaluation, MAML++ Omniglot 20w1s (31,360 px): loop 3.2, groups 4.1, vmap 5.1
-#   evaluation, MAML++ MiniImageNet 5w1s (70,560 px): loop 8.0, groups 17.0
-BATCHED_CPU_MAX_PIXELS = 8192
+#   Reptile Omniglot 5w5s train (minibatches of 10, 7,840 px): groups 0.11, loop 0.17
+#   evaluation, MAML++ Omniglot 20w1s, 20 tasks (31,360 px): groups 1.0, loop 1.5
+#   evaluation, MAML++ MiniImageNet 5w1s, 50 tasks (80 images, 564,480 px): loop 8.0,
+#     groups 17.0 (50 tasks' activations at 84 x 84 no longer fit in cache)
+VMAP_CPU_MAX_PIXELS = 8192
+GROUPS_CPU_MAX_PIXELS = 32768
 
 
 def task_pixels(*parts: torch.Tensor) -> int:
@@ -72,18 +74,21 @@ def pick_backend(
     `pixels`: the images x H x W one task's pass touches (task_pixels), None if
     unknown; `groups_ok`: auto may pick channel groups (models/task_groups.py).
 
-    auto: vmap on CUDA, where a per-task loop is launch-bound. On CPU, tasks of at
-    most BATCHED_CPU_MAX_PIXELS run batched (groups where allowed, else vmap),
-    larger or unknown ones in the per-task loop. The derivative order does not
-    change the choice (both orders measured).
+    auto: vmap on CUDA, where a per-task loop is launch-bound. On CPU, channel
+    groups where allowed for tasks of at most GROUPS_CPU_MAX_PIXELS, else vmap for
+    tasks of at most VMAP_CPU_MAX_PIXELS, else (and when the size is unknown) the
+    per-task loop. The derivative order does not change the choice (both orders
+    measured).
     """
     if requested != "auto":
         return requested
     if device.type == "cuda":
         return "vmap"
-    if pixels is None or pixels > BATCHED_CPU_MAX_PIXELS:
+    if pixels is None:
         return "loop"
-    return "groups" if groups_ok else "vmap"
+    if groups_ok and pixels <= GROUPS_CPU_MAX_PIXELS:
+        return "groups"
+    return "vmap" if pixels <= VMAP_CPU_MAX_PIXELS else "loop"
 
 
 def to_bool_auto(value, name: str) -> bool | None:
