@@ -130,3 +130,29 @@ def test_predict_fine_tunes_on_the_support_set():
     assert F.cross_entropy(support.flatten(0, 1), batch.ys.flatten()) < F.cross_entropy(
         before.flatten(0, 1), batch.ys.flatten()
     )
+
+
+@pytest.mark.parametrize("backend", ["loop", "vmap", "groups"])
+def test_logged_loss_is_the_starting_weights_on_each_tasks_first_minibatch(backend):
+    lrn = build(backend=backend, inner_batch=4)
+    batch = random_tasks(tasks=3, ways=3, shots=3, queries=1)  # 9 examples, minibatches of 4
+    phi = {n: p.detach().clone() for n, p in lrn.model.params().items()}
+    g = torch.Generator().manual_seed(0)
+    g.set_state(lrn.generator.get_state())
+    ids = minibatch_ids(9, 3, 4, g, 3)[:, 0]  # (tasks, 4): each task's first minibatch
+    logits = torch.cat([lrn.model(phi, batch.xs[t][ids[t]])[0] for t in range(3)])
+    labels = torch.cat([batch.ys[t][ids[t]] for t in range(3)])
+    metrics = lrn.meta_step(batch, 0)
+    torch.testing.assert_close(metrics["loss"], F.cross_entropy(logits, labels))
+    torch.testing.assert_close(metrics["acc"], (logits.argmax(-1) == labels).float().mean())
+
+
+def test_serial_logs_each_task_from_the_weights_it_started_from():
+    batch = random_tasks(tasks=3, ways=3, shots=3, queries=1)
+    serial, one_at_a_time = build(serial=True, inner_batch=4), build(inner_batch=4)
+    metrics = serial.meta_step(batch, 0)
+    # Serial = the batched step on one task after another (same minibatch draws).
+    parts = [one_at_a_time.meta_step(batch.task(t), 0) for t in range(3)]
+    loss = sum(m["loss"] for m in parts) / 3  # equal minibatches: the mean of the means
+    torch.testing.assert_close(metrics["loss"], loss)
+    torch.testing.assert_close(metrics["acc"], sum(m["acc"] for m in parts) / 3)

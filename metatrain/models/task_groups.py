@@ -89,11 +89,11 @@ def forward(model: Conv4, params: dict, x: torch.Tensor, step: int = 0, running:
 def grads(model: Conv4, params: dict, wrt: list[str], x, y, step: int = 0, running=False):
     """First-order gradients of every task's mean cross-entropy on (x (T, N, C, H, W),
     y (T, N)) with respect to params[n] for n in wrt, stacked (T, *shape), detached;
-    and the batch statistics (T, blocks, 2, C)."""
+    the batch statistics (T, blocks, 2, C) and the logits (T, N, ways), detached."""
     leaves = {n: params[n].detach().requires_grad_() for n in wrt}
     with torch.enable_grad():
         logits, stats = forward(model, {**params, **leaves}, x, step, running)
         # sum over tasks of each task's mean: task t's slice gets task t's gradient
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.shape[1]
         g = torch.autograd.grad(loss, [leaves[n] for n in wrt])
-    return dict(zip(wrt, g)), stats
+    return dict(zip(wrt, g)), stats, logits.detach()
