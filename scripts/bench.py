@@ -164,6 +164,7 @@ MAIN = [
     "mamlpp-miniimagenet-5w1s",
     "reptile-omniglot-5w5s",
     "eval-mamlpp-omniglot-20w1s",
+    "eval-mamlpp-miniimagenet-5w1s",
     "eval-reptile-omniglot-5w5s",
 ]
 # Where the authors' code runs the same maths: MAML++ with the multi-step loss, second
