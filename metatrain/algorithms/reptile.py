@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metatrain.algorithms import MetaLearner
-from metatrain.algorithms.inner import GRADS, adam_step, pick_backend
+from metatrain.algorithms.inner import GRADS, adam_steps_, pick_backend
 from metatrain.config import AlgorithmConfig
 from metatrain.models import task_groups
 from metatrain.registry import LEARNERS
@@ -98,11 +98,18 @@ class Reptile(MetaLearner):
         pixels = None if xs is None else min(batch, xs.shape[1]) * xs.shape[-2] * xs.shape[-1]
         return pick_backend(requested, self.device, False, pixels, groups_ok=ok)
 
-    def _update(self, p, g, m, v, step: int, lr: float):
-        """One inner step of the configured optimiser; returns (p, m, v)."""
+    def _update(self, fast: dict, grads: dict, m: dict, v: dict, step: int, lr: float):
+        """One inner step of the configured optimiser on every tensor of `fast` (its
+        own tensors, updated in place unless under a torch.func transform)."""
+        names = list(grads)
         if self.cfg.inner_optimizer.value == "adam":
-            return adam_step(p, g, m, v, step, lr, INNER_BETAS)
-        return p - lr * g, m, v
+            ps, ms, vs = [fast[n] for n in names], [m[n] for n in names], [v[n] for n in names]
+            adam_steps_(ps, [grads[n] for n in names], ms, vs, step, lr, INNER_BETAS)
+            for n, p, mn, vn in zip(names, ps, ms, vs):
+                fast[n], m[n], v[n] = p, mn, vn
+        else:
+            for n in names:
+                fast[n] = fast[n] - lr * grads[n]
 
     def backend_for(self, batch: TaskBatch, iteration: int, evaluation: bool = False) -> str:
         size = self.cfg.eval_batch if evaluation else self.cfg.inner_batch
@@ -112,7 +119,7 @@ class Reptile(MetaLearner):
         """Train one task from params on minibatches xs[ids[i]]; returns W, the
         batches' normalisation statistics (iters, blocks, 2, C) and the logits of
         params on the first minibatch (batch, ways)."""
-        fast = dict(params)
+        fast = {n: p.clone() for n, p in params.items()}  # updated in place: phi's own copy
         m = {n: torch.zeros_like(p) for n, p in fast.items()}
         v = {n: torch.zeros_like(p) for n, p in fast.items()}
         stats, first = [], None
@@ -126,8 +133,7 @@ class Reptile(MetaLearner):
             grads, (s, out) = grads_fn(loss_fn, fast, False)
             stats.append(s)
             first = out if first is None else first
-            for n, g in grads.items():
-                fast[n], m[n], v[n] = self._update(fast[n], g, m[n], v[n], i + 1, lr)
+            self._update(fast, grads, m, v, i + 1, lr)
         return fast, torch.stack(stats), first
 
     def _inner_groups(self, params, xs, ys, ids, lr):
@@ -146,8 +152,7 @@ class Reptile(MetaLearner):
             grads, s, out = task_groups.grads(self.model, fast, list(fast), x, y)
             stats.append(s)
             first = out if first is None else first
-            for n, g in grads.items():
-                fast[n], m[n], v[n] = self._update(fast[n], g, m[n], v[n], i + 1, lr)
+            self._update(fast, grads, m, v, i + 1, lr)
         return fast, torch.stack(stats, 1), first
 
     def _train_tasks(self, params, xs, ys, iters, batch, generator):
