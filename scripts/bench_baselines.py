@@ -176,7 +176,9 @@ def build_authors(cfg, sampler, generator, kind: str, authors_dir: str):
         shape = (2, args.image_channels, args.image_height, args.image_width)
         model = MAMLFewShotClassifier(im_shape=shape, device=device, args=args)
     spec = json.loads(config.read_text())
-    tasks = cfg.eval.batch if kind == "eval" else spec["batch_size"]
+    # Their evaluation, like their training, takes batch_size tasks at a time (all of
+    # MiniImageNet's 50 at once took more than 24 GB); ratios are per task.
+    tasks = spec["batch_size"]
     queries = spec["num_target_samples"]
 
     def data():

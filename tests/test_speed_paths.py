@@ -305,3 +305,41 @@ def test_flop_count_includes_the_double_backward():
     # forward, weight gradient, and in the double backward: d/dy (conv of x) and the
     # weight gradient of the (y * y) path again.
     assert count_flops(second_order) >= 3 * conv
+
+
+def test_bench_merges_interleaved_rounds_into_the_median_round():
+    bench = _bench_module()
+
+    def row(s, mem, busy, times):
+        return {
+            "s_per_iter": s,
+            "s_per_iter_min": min(times),
+            "times": times,
+            "tasks": 4,
+            "peak_mem_mb": mem,
+            "other_cores_busy": busy,
+            "flops_per_iter": 10,
+        }
+
+    parts = [
+        row(2.0, 100, 0.1, [2.0, 2.1]),
+        row(1.0, 300, 0.0, [1.0, 0.9]),
+        row(4.0, 50, 0.5, [4.0]),
+    ]
+    merged = bench.merge_rounds(parts + [{"error": "RuntimeError: x"}])
+    assert merged["round_s"] == [2.0, 1.0, 4.0] and merged["s_per_iter"] == 2.0
+    assert merged["tasks_per_s"] == 2.0 and merged["s_per_iter_min"] == 0.9
+    assert merged["peak_mem_mb"] == 300 and merged["other_cores_busy"] == 0.5
+    assert merged["times"] == [2.0, 2.1, 1.0, 0.9, 4.0] and merged["flops_per_iter"] == 10
+    assert bench.merge_rounds([parts[0]]) == parts[0]
+    assert bench.merge_rounds([{"error": "e"}]) == {"error": "e"}
+
+
+def test_bench_reports_the_exception_line_of_a_failed_worker():
+    bench = _bench_module()
+    stderr = (
+        "Traceback (most recent call last):\n  File 'x.py', line 3, in f\n"
+        "AssertionError: grads must exist when\n  and param.grad is not None\n"
+    )
+    assert bench._error_line(stderr) == "AssertionError: grads must exist when"
+    assert bench._error_line("killed\n") == "killed" and bench._error_line("") == "failed"
