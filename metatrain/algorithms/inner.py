@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from metatrain.models.norm import under_transform
+
 
 def grads_autograd(loss_fn, params: dict, create_graph: bool):
     """Gradient of loss_fn(params) -> (loss, aux) for the per-task loop. Detached
@@ -212,7 +214,7 @@ def adam_steps_(params: list, grads: list, ms: list, vs: list, t: int, lr: float
     dozen elementwise ops per tensor of adam_step on a Reptile network of 5-50
     tasks). Under torch.func transforms, whose tensors the fused kernel cannot
     take, the functional adam_step per tensor."""
-    if any(_functorch(p) or _functorch(g) for p, g in zip(params, grads)):
+    if any(under_transform(p) or under_transform(g) for p, g in zip(params, grads)):
         for i, (p, g) in enumerate(zip(params, grads)):
             params[i], ms[i], vs[i] = adam_step(p, g, ms[i], vs[i], t, lr, betas, eps)
         return
@@ -238,7 +240,3 @@ def adam_steps_(params: list, grads: list, ms: list, vs: list, t: int, lr: float
         amsgrad=False,
         maximize=False,
     )
-
-
-def _functorch(t: torch.Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)

@@ -17,7 +17,7 @@ from torch import nn
 
 from metatrain.config import ModelConfig
 from metatrain.models.backbone import Backbone, step_row
-from metatrain.models.norm import EPS, batch_stats
+from metatrain.models.norm import EPS, batch_stats, under_transform
 from metatrain.registry import BACKBONES
 
 BLOCKS = 4
@@ -128,7 +128,7 @@ def conv3x3(x, w, b, stride: int = 1, groups: int = 1):
     if (
         torch.compiler.is_compiling()
         or torch.is_autocast_enabled(x.device.type)
-        or torch._C._functorch.is_functorch_wrapped_tensor(w)
+        or under_transform(w)
     ):
         return F.conv2d(x, w, b, stride, 1, 1, groups)
     return Conv3x3.apply(x, w, b, stride, groups)
@@ -139,11 +139,7 @@ def _flip_needed(gamma: torch.Tensor) -> bool:
     tensor (no device sync there); assumed under torch.func transforms, where
     control flow cannot depend on values, on GPUs, where reading would sync, and
     while compiling."""
-    if (
-        torch.compiler.is_compiling()
-        or gamma.device.type != "cpu"
-        or torch._C._functorch.is_functorch_wrapped_tensor(gamma)
-    ):
+    if torch.compiler.is_compiling() or gamma.device.type != "cpu" or under_transform(gamma):
         return True
     return bool((gamma < 0).any())
 

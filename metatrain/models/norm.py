@@ -19,7 +19,7 @@ import torch
 EPS = 1e-5
 
 
-def _functorch(t: torch.Tensor) -> bool:
+def under_transform(t: torch.Tensor) -> bool:
     """Whether t is wrapped by a torch.func transform (vmap, grad)."""
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
@@ -34,7 +34,7 @@ class BatchStats(torch.autograd.Function):
         if (
             y.dtype in (torch.float32, torch.float64)
             and not torch.compiler.is_compiling()  # inductor fuses the passes below
-            and not _functorch(y)
+            and not under_transform(y)
         ):
             # One Welford pass, native batch norm's own kernel: 3x faster than the
             # two passes below on CPU, as accurate as nn.BatchNorm2d (float32:
