@@ -53,7 +53,11 @@ class Backbone(nn.Module):
         self.register_buffer(f"{name}.running_var", torch.ones(stat_steps, channels))
         self.norm_names += [f"{name}.weight", f"{name}.bias"]
 
-    def add_head(self, features: int, ways: int) -> None:
+    def add_head(self, in_channels: int, image_size: int, ways: int) -> None:
+        """The linear head, sized by running the trunk (built first) on a probe batch."""
+        with torch.no_grad():
+            x = torch.zeros(2, in_channels, image_size, image_size)
+            features = self.trunk(self.params(), x, 0, False)[0].shape[1]
         head = torch.empty(ways, features)
         nn.init.xavier_uniform_(head)
         self.register_parameter("head.weight", nn.Parameter(head))
@@ -101,4 +105,18 @@ class Backbone(nn.Module):
         cls, cfg, *, in_channels: int, ways: int, image_size: int, bn_weight_steps: int,
         bn_stat_steps: int,
     ) -> "Backbone":  # fmt: skip
+        """The backbone for model config `cfg` on this data and these MAML++ switches."""
+        return cls(
+            in_channels=in_channels,
+            ways=ways,
+            image_size=image_size,
+            bn_weight_steps=bn_weight_steps,
+            bn_stat_steps=bn_stat_steps,
+            bn_momentum=cfg.bn_momentum,
+            **cls.options(cfg),
+        )
+
+    @classmethod
+    def options(cls, cfg) -> dict:
+        """This backbone's own constructor arguments from its model config."""
         raise NotImplementedError

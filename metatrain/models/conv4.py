@@ -217,28 +217,14 @@ class Conv4(Backbone):
             self.register_parameter(f"conv{i}.bias", nn.Parameter(torch.zeros(filters)))
             self.add_norm(f"bn{i}", filters, bn_weight_steps, bn_stat_steps)
             c = filters
-        self.add_head(self._features(in_channels, image_size), ways)
+        self.add_head(in_channels, image_size, ways)
 
     @classmethod
-    def from_config(cls, cfg, *, in_channels, ways, image_size, bn_weight_steps, bn_stat_steps):
-        return cls(
-            in_channels=in_channels,
-            ways=ways,
-            image_size=image_size,
-            filters=cfg.filters,
-            downsample=cfg.downsample.value,
-            bn_weight_steps=bn_weight_steps,
-            bn_stat_steps=bn_stat_steps,
-            bn_momentum=cfg.bn_momentum,
-        )
+    def options(cls, cfg) -> dict:
+        return {"filters": cfg.filters, "downsample": cfg.downsample.value}
 
     def running_stats(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.buffer(f"bn{i}.running_mean"), self.buffer(f"bn{i}.running_var")
-
-    def _features(self, in_channels: int, image_size: int) -> int:
-        with torch.no_grad():
-            x = torch.zeros(2, in_channels, image_size, image_size)
-            return self.trunk(self.params(), x, 0, False)[0].shape[1]
 
     def trunk(self, params, x, step: int, running: bool):
         stats = []

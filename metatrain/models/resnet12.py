@@ -93,24 +93,15 @@ class ResNet12(Backbone):
                 self.register_parameter(f"{name}.weight", nn.Parameter(w))
                 self.add_norm(f"{name}.bn", out, bn_weight_steps, bn_stat_steps)
             c = out
-        with torch.no_grad():
-            x = torch.zeros(2, in_channels, image_size, image_size)
-            features = self.trunk(self.params(), x, 0, False)[0].shape[1]
-        self.add_head(features, ways)
+        self.add_head(in_channels, image_size, ways)
 
     @classmethod
-    def from_config(cls, cfg, *, in_channels, ways, image_size, bn_weight_steps, bn_stat_steps):
-        return cls(
-            in_channels=in_channels,
-            ways=ways,
-            image_size=image_size,
-            width=cfg.width,
-            dropblock=cfg.dropblock,
-            dropblock_size=cfg.dropblock_size,
-            bn_weight_steps=bn_weight_steps,
-            bn_stat_steps=bn_stat_steps,
-            bn_momentum=cfg.bn_momentum,
-        )
+    def options(cls, cfg) -> dict:
+        return {
+            "width": cfg.width,
+            "dropblock": cfg.dropblock,
+            "dropblock_size": cfg.dropblock_size,
+        }
 
     @property
     def stochastic(self) -> bool:
