@@ -27,8 +27,13 @@ class Backend(Enum):
 
 
 class BNEval(Enum):
-    batch = "batch"  # transductive: normalise the query batch with its own statistics
-    running = "running"  # use running statistics (per inner step under bnrs)
+    # How batch norm normalises at meta-test (adaptation steps always use batch statistics).
+    transductive = "transductive"  # the query batch with its own statistics (MAML, MAML++)
+    # each query with the support set alone: statistics of the N*K support images plus
+    # that one query, one pass per query (Reptile's non-transductive test, Nichol et al.)
+    support_plus_query = "support_plus_query"
+    running = "running"  # running statistics (per inner step under bnrs)
+    batch = "batch"  # the former name of transductive, accepted with a notice
 
 
 class NonFinite(Enum):
@@ -67,7 +72,7 @@ class ModelConfig:
     """What every backbone's schema has (models/<name>.py extends it)."""
 
     name: str = MISSING
-    bn_eval: BNEval = BNEval.batch
+    bn_eval: BNEval = BNEval.transductive
     bn_momentum: float = 0.1
 
 

@@ -35,7 +35,7 @@ from metatrain.errors import MetatrainError
 from metatrain.eval_config import EvalSetup, compose
 from metatrain.files import save_json
 from metatrain.meta_test import load_members, test_block
-from metatrain.naming import algorithm_label
+from metatrain.naming import algorithm_label, bn_eval_mode
 
 HEAD_KEYS = ("model.head_weight", "model.head_bias")  # in learner.net's state dict
 
@@ -95,7 +95,7 @@ def protocol(setup: EvalSetup) -> dict:
         "seed": cfg.eval.seed,
         "ensemble_top_k": cfg.eval.ensemble_top_k,
         "test_from": cfg.eval.test_from.value,
-        "bn_eval": cfg.model.bn_eval.value,
+        "bn_eval": bn_eval_mode(cfg.model.bn_eval),
         "trained_ways": setup.trained.dataset.ways,
     }
     if a.name == "maml":
@@ -146,7 +146,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], log=print) -> tuple[Path, 
         tasks = FixedTasks(sampler, cfg.eval.val_tasks, cfg.eval.seed)
     block = test_block(
         learner, tasks, cfg.eval.batch, best, members,
-        cfg.eval.test_from.value, cfg.model.bn_eval.value,
+        cfg.eval.test_from.value, bn_eval_mode(cfg.model.bn_eval),
     )  # fmt: skip
     record = {
         **block,

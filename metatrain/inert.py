@@ -7,6 +7,7 @@ nothing here stops a run.
 """
 
 from metatrain.config import ModelConfig
+from metatrain.naming import bn_eval_mode
 
 
 def _maml(cfg) -> list[str]:
@@ -33,10 +34,10 @@ def _maml(cfg) -> list[str]:
     if a.ca and (a.min_lr == a.meta_lr or t.iterations <= 1):
         why = "min_lr equal to meta_lr" if a.min_lr == a.meta_lr else "a single iteration"
         lines.append(f"algorithm.ca=true changes nothing with {why}")
-    if a.bnrs and cfg.model.bn_eval.value == "batch":
+    if a.bnrs and bn_eval_mode(cfg.model.bn_eval) != "running":
         lines.append(
-            "algorithm.bnrs=true changes nothing under transductive evaluation "
-            "(model.bn_eval=batch): its per-step running statistics are never read"
+            "algorithm.bnrs=true changes nothing unless evaluation reads running statistics "
+            "(model.bn_eval=running): its per-step running statistics are never read"
         )
     elif a.bnrs and a.train_steps == 1:
         lines.append(
@@ -56,6 +57,8 @@ def _reptile(cfg) -> list[str]:
         )
     if a.grad_clip > 0:
         lines.append("algorithm.grad_clip is unused by Reptile")
+    if a.inner_state.value == "carry" and a.inner_optimizer.value != "adam":
+        lines.append("algorithm.inner_state=carry changes nothing: SGD keeps no state")
     return lines
 
 
@@ -75,10 +78,16 @@ def _evaluation(cfg) -> list[str]:
                 f"{min(t.keep_best, validations)}: train.keep_best={t.keep_best} checkpoints "
                 f"are kept of {validations} validations"
             )
-    if cfg.model.bn_eval.value == "batch" and cfg.model.bn_momentum != ModelConfig.bn_momentum:
+    mode = bn_eval_mode(cfg.model.bn_eval)
+    if mode != "running" and cfg.model.bn_momentum != ModelConfig.bn_momentum:
         lines.append(
             "model.bn_momentum changes nothing: evaluation normalises with batch statistics "
-            "(model.bn_eval=batch), never the running ones"
+            f"(model.bn_eval={mode}), never the running ones"
+        )
+    if cfg.model.bn_eval.value == "batch":
+        lines.append(
+            "model.bn_eval=batch is now spelled model.bn_eval=transductive (the same "
+            "evaluation); the old name goes in a later release"
         )
     return lines
 

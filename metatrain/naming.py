@@ -16,8 +16,10 @@ VARIANTS = ("anil", "metasgd")
 
 # What `model.bn_eval` means at meta-test, in words for tables and the console.
 BN_MODES = {
-    "batch": "transductive (batch statistics)",
+    "transductive": "transductive (batch statistics of the query set)",
+    "support_plus_query": "non-transductive (each query with the support set alone)",
     "running": "running statistics",
+    "batch": "transductive (batch statistics of the query set)",  # the former name
 }
 
 
@@ -58,6 +60,13 @@ def algorithm_label(cfg) -> str:
     return ("fomaml" if first_order else "maml") + "".join(f"+{s}" for s in on)
 
 
+def bn_eval_mode(value) -> str:
+    """A model.bn_eval value (enum or text) as transductive, support_plus_query or
+    running: the former spelling `batch` reads as transductive."""
+    mode = _text(value)
+    return "transductive" if mode == "batch" else mode
+
+
 def bn_mode(cfg) -> str:
-    """model.bn_eval of a composed config: `batch` or `running`."""
-    return _text(_get(_get(cfg, "model") or {}, "bn_eval", "batch"))
+    """model.bn_eval of a composed config, as bn_eval_mode gives it."""
+    return bn_eval_mode(_get(_get(cfg, "model") or {}, "bn_eval", "transductive"))

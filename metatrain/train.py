@@ -21,7 +21,7 @@ from metatrain.inert import inert_settings
 from metatrain.logging import RunLogger, console
 from metatrain.meta_test import describe, load_members, summary_metrics, test_block
 from metatrain.models import build_model
-from metatrain.naming import algorithm_label
+from metatrain.naming import algorithm_label, bn_eval_mode
 from metatrain.nonfinite import NonFiniteGuard
 
 
@@ -121,12 +121,23 @@ def train(cfg, run_dir: Path | None = None) -> dict:
             "train",
             rotate=getattr(ds, "augment_rotation", False),
         ),
-        "val": EpisodeSampler(images["val"], ds.ways, ds.shots, ds.queries, ds.mean, ds.std, "val"),
         "test": EpisodeSampler(
             images["test"], ds.ways, ds.shots, ds.queries, ds.mean, ds.std, "test"
         ),
     }
-    val_tasks = FixedTasks(samplers["val"], cfg.eval.val_tasks, cfg.eval.seed)
+    # A split with no validation classes (Reptile's authors train on all but the test
+    # characters) has no validation and no best checkpoints: the last parameters are tested.
+    val_tasks = None
+    if images["val"].shape[0] > 0:
+        samplers["val"] = EpisodeSampler(
+            images["val"], ds.ways, ds.shots, ds.queries, ds.mean, ds.std, "val"
+        )
+        val_tasks = FixedTasks(samplers["val"], cfg.eval.val_tasks, cfg.eval.seed)
+    elif cfg.eval.test_from.value != "last":
+        raise MetatrainError(
+            "this dataset split has no validation classes, so there is no best checkpoint "
+            "to test: set eval.test_from=last (or give the split validation classes)"
+        )
     test_tasks = FixedTasks(samplers["test"], cfg.eval.test_tasks, cfg.eval.seed + 1)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
@@ -183,7 +194,8 @@ def train(cfg, run_dir: Path | None = None) -> dict:
                     logger.log(logged, step=done)
                     sums, n_sum, tick, ticked = None, 0, now, done
                 paused = time.perf_counter()  # validation and saving stay out of time/iter_s
-                if done % t.val_interval == 0 or done == t.iterations:
+                validating = val_tasks is not None
+                if validating and (done % t.val_interval == 0 or done == t.iterations):
                     val = evaluate(learner, val_tasks, cfg.eval.batch)
                     logger.log({"val/acc": val["acc"], "val/acc_ci95": val["ci95"]}, step=done)
                     best = _keep_best(best, val["acc"], done, learner, ckpt_dir, t.keep_best)
@@ -201,7 +213,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
         members = load_members(best, cfg.eval.ensemble_top_k, ckpt_dir)
         test = test_block(
             learner, test_tasks, cfg.eval.batch, best, members,
-            cfg.eval.test_from.value, cfg.model.bn_eval.value,
+            cfg.eval.test_from.value, bn_eval_mode(cfg.model.bn_eval),
         )  # fmt: skip
         accs = {k: v for k, v in summary_metrics(test).items() if k.endswith(("acc", "_ci95"))}
         logger.log(accs, step=t.iterations)  # headline, single and ensemble

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from metatrain.keys import drop_non_math, is_non_math
-from metatrain.naming import algorithm_label, bn_mode
+from metatrain.naming import algorithm_label, bn_eval_mode, bn_mode
 
 DATASETS = {"omniglot": "Omniglot", "miniimagenet": "MiniImageNet"}
 DATASET_WAYS = (("Omniglot", 5), ("Omniglot", 20), ("MiniImageNet", 5))
@@ -60,12 +60,17 @@ PUBLISHED = {
 # The published row of each algorithm label and batch-norm mode at test. MAML, FOMAML and
 # MAML++ were published transductive only.
 PAPER_METHOD = {
-    ("maml", "batch"): "MAML", ("fomaml", "batch"): "FOMAML", ("mamlpp", "batch"): "MAML++",
-    ("reptile", "running"): "Reptile", ("reptile", "batch"): "Reptile + transduction",
-    ("anil", "batch"): "ANIL", ("metasgd", "batch"): "Meta-SGD",
+    ("maml", "transductive"): "MAML", ("fomaml", "transductive"): "FOMAML",
+    ("mamlpp", "transductive"): "MAML++",
+    ("reptile", "support_plus_query"): "Reptile", ("reptile", "transductive"): "Reptile + transduction",
+    ("anil", "transductive"): "ANIL", ("metasgd", "transductive"): "Meta-SGD",
 }  # fmt: skip
 METHODS = ["maml", "fomaml", "reptile", "mamlpp"]  # the table's order; others after
-BN_SHOWN = {"batch": "transductive", "running": "running stats"}
+BN_SHOWN = {
+    "transductive": "transductive",
+    "support_plus_query": "support + query",
+    "running": "running stats",
+}
 
 # acc_mean/acc_std/ci95_mean: the headline test number (results.json's test.acc: the
 # ensemble under eval.test_from=best, else the last parameters); then each of the two.
@@ -84,7 +89,7 @@ MD_COLUMNS = [
 
 def paper_method(label: str, bn: str) -> str | None:
     """The published table row that a run with this label and test BN mode reproduces."""
-    return PAPER_METHOD.get((label, bn))
+    return PAPER_METHOD.get((label, bn_eval_mode(bn)))
 
 
 def published(label: str, bn: str, task: str) -> str | None:
@@ -193,7 +198,7 @@ def read_evals(run: dict) -> list[dict]:
         status = "finished" if state["status"] == "finished" else f"eval at {state['iteration']}"
         out.append({**run, **numbers, "source": f"eval: {path.stem}", "status": status,
                     "overrides": f"{run['overrides']} eval:{shown or 'own'}".strip(),
-                    "task": task_name(run["cfg"], p["ways"], p["shots"]), "bn": p["bn_eval"],
+                    "task": task_name(run["cfg"], p["ways"], p["shots"]), "bn": bn_eval_mode(p["bn_eval"]),
                     "iterations": state["iteration"], "wall": None})  # fmt: skip
     return out
 

@@ -41,15 +41,23 @@ CITED = {
         "algorithm.inner_batch": 10, "algorithm.inner_iters": 5, "algorithm.inner_lr": 1e-3,
         "algorithm.eval_batch": 5, "algorithm.train_shots": 10, "algorithm.meta_batch": 5,
         "train.iterations": 100000, "dataset.queries": 1, "eval.test_tasks": 10000,
-        "model.bn_eval": "running", "model.downsample": "stride",
+        "model.bn_eval": "support_plus_query", "model.downsample": "stride",
+        # reptile.py (`_full_state` restored around test tasks, `_model_state` only around
+        # training tasks), run_omniglot.py (tests the final weights), omniglot.py
+        "algorithm.inner_state": "carry", "eval.test_from": "last",
+        "dataset.resample": "nearest", "dataset.invert": False, "dataset.split_shuffle": "python",
+        "dataset.train_classes": 1200, "dataset.val_classes": 0, "dataset.rotations": True,
     },
     "reptile_transductive_omniglot_20w1s": {
         "algorithm.inner_batch": 20, "algorithm.inner_iters": 10, "algorithm.inner_lr": 5e-4,
-        "algorithm.eval_batch": 10, "train.iterations": 200000, "model.bn_eval": "batch",
+        "algorithm.eval_batch": 10, "train.iterations": 200000, "model.bn_eval": "transductive",
+        "algorithm.inner_state": "carry", "eval.test_from": "last", "dataset.val_classes": 0,
     },
     "reptile_miniimagenet_5w5s": {
         "algorithm.inner_iters": 8, "algorithm.train_shots": 15, "algorithm.eval_batch": 15,
-        "model.filters": 32, "dataset.queries": 1,
+        "model.filters": 32, "dataset.queries": 1, "model.bn_eval": "support_plus_query",
+        "dataset.mean": [0.0, 0.0, 0.0], "dataset.std": [1.0, 1.0, 1.0],
+        "algorithm.inner_state": "carry", "eval.test_from": "last",
     },
 }  # fmt: skip
 

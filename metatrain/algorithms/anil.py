@@ -11,18 +11,26 @@ computed once per step instead. The maths is MAML's with the trunk frozen in the
 inner loop (tests/test_anil.py checks the meta-gradient by hand).
 """
 
+from metatrain.algorithms import query_norm
 
-def task_passes(model, params, xs, xq, running, support_model, query_model, anil: bool):
+
+def task_passes(
+    model, params, xs, xq, running, support_model, query_model, anil: bool, per_query=False
+):
     """(support(fast, i), query(fast, i)) -> (logits, statistics) for one task, at
     inner step i with adapted parameters `fast`, and prepare(i), to be called before
     step i's inner gradient: ANIL's features must be computed outside that gradient's
-    transform, or the cached tensors would leak out of it."""
+    transform, or the cached tensors would leak out of it. With `per_query` each query
+    is normalised with the support set alone (query_norm.py; statistics None)."""
     if not anil:
 
         def support(fast, i):
             return support_model(fast, xs, step=i, running=running)
 
         def query(fast, i):
+            if per_query:
+                # the eager model: compiled graphs do not nest inside vmap
+                return query_norm.one_task(lambda x: model(fast, x, step=i)[0], xs, xq), None
             return query_model(fast, xq, step=i, running=running)
 
         return support, query, lambda i: None
@@ -33,7 +41,12 @@ def task_passes(model, params, xs, xq, running, support_model, query_model, anil
         k = (which, i if per_step else 0)
         if k not in cache:
             # the trunk at the meta-parameters: ANIL never adapts it
-            cache[k] = model.trunk(params, x, i, running)
+            if which == "query" and per_query:
+                # (Q, F): each query's features from a pass with the support set alone
+                h = query_norm.one_task(lambda b: model.trunk(params, b, i, False)[0], xs, xq)
+                cache[k] = h, None
+            else:
+                cache[k] = model.trunk(params, x, i, running)
         return cache[k]
 
     def prepare(i):

@@ -45,6 +45,7 @@ from metatrain.config import AlgorithmConfig
 from metatrain.errors import MetatrainError
 from metatrain.models.conv4 import to_channels_last
 from metatrain.models.task_groups import supports
+from metatrain.naming import bn_eval_mode
 from metatrain.registry import LEARNERS
 from metatrain.task_batch import TaskBatch
 
@@ -94,7 +95,7 @@ class Maml(MetaLearner):
 
     @classmethod
     def from_config(cls, cfg, model, device):
-        return cls(cfg.algorithm, model, cfg.train, cfg.model.bn_eval.value, device)
+        return cls(cfg.algorithm, model, cfg.train, bn_eval_mode(cfg.model.bn_eval), device)
 
     @classmethod
     def bn_steps(cls, algo_cfg) -> tuple[int, int]:
@@ -107,6 +108,8 @@ class Maml(MetaLearner):
         # those are per inner step under BNRS (see README: running-statistic evaluation
         # of a network meta-trained with batch statistics, and why it is not the default).
         self.bn_running = bn_eval == "running"
+        # Reptile's non-transductive test: each query with the support set alone.
+        self.per_query = bn_eval == "support_plus_query"
         self.device = device
         self.speed = SpeedOptions.from_config(train_cfg, device)
         if cfg.lslr and cfg.metasgd:
@@ -210,7 +213,10 @@ class Maml(MetaLearner):
             return self.model
         return self._compiled
 
-    def _task(self, params, rates, xs, ys, xq, yq, steps, weights, create_graph, backend, running):
+    def _task(
+        self, params, rates, xs, ys, xq, yq, steps, weights, create_graph, backend, running,
+        per_query=False,
+    ):  # fmt: skip
         """Adapt on one task's support set; weighted query loss, final accuracy, final
         query logits and the support batches' normalisation statistics
         (steps, *the backbone's statistics shape))."""
@@ -225,8 +231,9 @@ class Maml(MetaLearner):
         support_model = self._model(create_graph or not compiled)
         query_model = self._model(not compiled)  # the outer backward goes through it once
         support, query, prepare = task_passes(
-            self.model, params, xs, xq, running, support_model, query_model, self.cfg.anil
-        )
+            self.model, params, xs, xq, running, support_model, query_model, self.cfg.anil,
+            per_query,
+        )  # fmt: skip
         for i in range(steps):
             prepare(i)
 
@@ -249,8 +256,9 @@ class Maml(MetaLearner):
     # -- a batch of tasks -----------------------------------------------------
 
     def _tasks(
-        self, batch, params, rates, steps, weights, create_graph, backend, running, backward
-    ):
+        self, batch, params, rates, steps, weights, create_graph, backend, running, backward,
+        per_query=False,
+    ):  # fmt: skip
         """Run every task of the batch, one at a time (loop) or in vmapped chunks.
 
         With `backward`, the mean loss is backpropagated chunk by chunk so that
@@ -275,15 +283,18 @@ class Maml(MetaLearner):
                 if recompute:
                     return recomputed_task(self, params, rates, xs, ys, xq, yq, steps, weights)
                 return self._task(
-                    params, rates, xs, ys, xq, yq, steps, weights, create_graph, backend, running
-                )
+                    params, rates, xs, ys, xq, yq, steps, weights, create_graph, backend, running,
+                    per_query,
+                )  # fmt: skip
 
         parts = []
         for i in range(0, n, chunk):
             args = (xs[i : i + chunk], batch.ys[i : i + chunk], xq[i : i + chunk])
             args = (*args, batch.yq[i : i + chunk])
             if backend == "groups":
-                out = run_tasks(self, params, rates, *args, steps, weights, create_graph, running)
+                out = run_tasks(
+                    self, params, rates, *args, steps, weights, create_graph, running, per_query
+                )
             elif backend == "loop":
                 out = one(*(a[0] for a in args))
                 out = [*(x.unsqueeze(0) for x in out[:4]), *out[4:]]
@@ -337,8 +348,9 @@ class Maml(MetaLearner):
         rates = self._rates()
         rates = None if rates is None else {n: r.detach() for n, r in rates.items()}
         out = self._tasks(
-            batch, params, rates, steps, [0.0] * steps, False, backend, self.bn_running, False
-        )
+            batch, params, rates, steps, [0.0] * steps, False, backend, self.bn_running, False,
+            self.per_query,
+        )  # fmt: skip
         logits = out[2]
         return logits.float() if logits.dtype == torch.bfloat16 else logits
 

@@ -11,12 +11,16 @@ expanded to (T, *shape), so the outer backward sums the tasks' contributions.
 import torch
 import torch.nn.functional as F
 
+from metatrain.algorithms import query_norm
 from metatrain.models import task_groups
 
 
-def run_tasks(learner, params, rates, xs, ys, xq, yq, steps, weights, create_graph, running):
+def run_tasks(
+    learner, params, rates, xs, ys, xq, yq, steps, weights, create_graph, running, per_query=False
+):
     """Per task: weighted query loss (T,), final accuracy (T,), final query logits
-    (T, Nq, ways) and the support batches' statistics (T, steps, blocks, 2, C)."""
+    (T, Nq, ways) and the support batches' statistics (T, steps, blocks, 2, C).
+    `per_query`: each query normalised with the support set alone (query_norm.py)."""
     tasks, model = xs.shape[0], learner.model
     fast = {n: p.unsqueeze(0).expand(tasks, *p.shape) for n, p in params.items()}
     # Evaluation (no meta-gradient): every step starts from detached weights.
@@ -39,7 +43,10 @@ def run_tasks(learner, params, rates, xs, ys, xq, yq, steps, weights, create_gra
             if not meta:
                 fast[n] = fast[n].detach()
         if weights[i] != 0.0 or i == steps - 1:
-            logits, _ = task_groups.forward(model, fast, xq, i, running)  # (T, Nq, ways)
+            if per_query:
+                logits = query_norm.grouped(model, fast, xs, xq, i)  # (T, Nq, ways)
+            else:
+                logits, _ = task_groups.forward(model, fast, xq, i, running)  # (T, Nq, ways)
             if weights[i] != 0.0:
                 ce = F.cross_entropy(logits.flatten(0, 1), yq.flatten(), reduction="none")
                 losses = losses + weights[i] * ce.view(tasks, -1).mean(1)

@@ -8,9 +8,18 @@ after each task in turn (serial). eps falls linearly from meta_step to
 meta_step_final over the run. There is no support/query split in
 meta-training: each task draws train_shots examples per class.
 
-The inner Adam is written functionally and restarts for every task. Tasks run
-one at a time (loop), together under torch.func.vmap, or together as channel
-groups of one network (groups, models/task_groups.py).
+The inner Adam restarts for every task (`inner_state=reset`), or, as the
+authors' code runs it (`inner_state=carry`), keeps its moments and step count
+from task to task through all of meta-training, every evaluation task starting
+from the end-of-training state (their Adam slots are restored around each test
+task but never around a training task). Carried state makes the tasks of a
+meta-batch sequential. Tasks run one at a time (loop), together under
+torch.func.vmap, or together as channel groups of one network (groups,
+models/task_groups.py).
+
+Non-transductive evaluation as the authors run it (`model.bn_eval=
+support_plus_query`): each query is predicted by one forward pass over the
+support set plus that query alone, with batch statistics (query_norm.py).
 """
 
 import math
@@ -21,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatrain.algorithms import MetaLearner
+from metatrain.algorithms import MetaLearner, query_norm
 from metatrain.algorithms.inner import GRADS, adam_steps_, pick_backend
 from metatrain.config import AlgorithmConfig
 from metatrain.models import task_groups
+from metatrain.naming import bn_eval_mode
 from metatrain.registry import LEARNERS
 from metatrain.task_batch import TaskBatch
 
@@ -32,6 +42,11 @@ from metatrain.task_batch import TaskBatch
 class InnerOptimizer(Enum):
     adam = "adam"
     sgd = "sgd"
+
+
+class InnerState(Enum):
+    reset = "reset"  # a fresh inner Adam for every task
+    carry = "carry"  # one Adam state through meta-training; evaluation starts from it
 
 
 @dataclass
@@ -49,6 +64,7 @@ class ReptileConfig(AlgorithmConfig):
     eval_iters: int = 50
     eval_batch: int = 5
     serial: bool = False  # update phi after each task (Algorithm 1) instead of averaging
+    inner_state: InnerState = InnerState.reset
 
 
 INNER_BETAS = (0.0, 0.999)  # beta1 = 0 as published: no momentum across minibatches
@@ -63,19 +79,55 @@ def minibatch_ids(n: int, iters: int, batch: int, generator: torch.Generator, ta
     return ids[:, : iters * batch].reshape(tasks, iters, batch)
 
 
+class AdamState(nn.Module):
+    """The inner Adam's moments and step count carried across tasks (inner_state=carry),
+    as buffers, so that last.pt, the best-k checkpoints and the ensemble keep them
+    with the network they belong to."""
+
+    def __init__(self, params: dict):
+        super().__init__()
+        self.names = list(params)
+        for n, p in params.items():
+            self.register_buffer(self._key("m", n), torch.zeros_like(p))
+            self.register_buffer(self._key("v", n), torch.zeros_like(p))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def _key(kind: str, name: str) -> str:
+        return f"{kind}__{name.replace('.', '__')}"
+
+    def get(self) -> tuple[dict, dict, int]:
+        """(m, v, steps taken): the tensors themselves; callers copy before updating."""
+        m = {n: getattr(self, self._key("m", n)) for n in self.names}
+        v = {n: getattr(self, self._key("v", n)) for n in self.names}
+        return m, v, int(self.step)
+
+    def set(self, m: dict, v: dict, step: int) -> None:
+        for n in self.names:
+            getattr(self, self._key("m", n)).copy_(m[n])
+            getattr(self, self._key("v", n)).copy_(v[n])
+        self.step.fill_(step)
+
+
 @LEARNERS.register("reptile", ReptileConfig)
 class Reptile(MetaLearner):
     positive_keys = ("inner_iters", "inner_batch", "train_shots")
 
     @classmethod
     def from_config(cls, cfg, model, device):
-        return cls(cfg.algorithm, model, cfg.train, cfg.model.bn_eval.value, device, cfg.seed)
+        return cls(
+            cfg.algorithm, model, cfg.train, bn_eval_mode(cfg.model.bn_eval), device, cfg.seed
+        )
 
     def __init__(self, cfg, model, train_cfg, bn_eval: str, device: torch.device, seed: int = 0):
         self.cfg, self.model, self.train_cfg = cfg, model, train_cfg
-        self.bn_running = bn_eval == "running"
+        self.bn_eval = bn_eval_mode(bn_eval)
         self.device = device
-        self.net = nn.ModuleDict({"model": model}).to(device)
+        self.net = nn.ModuleDict({"model": model})
+        self.carry = cfg.inner_state.value == "carry" and cfg.inner_optimizer.value == "adam"
+        if self.carry:
+            self.net["adam"] = AdamState(model.params())
+        self.net.to(device)
         self.generator = torch.Generator(device=device).manual_seed(seed + 7919)
         if cfg.meta_batch < 1:
             raise ValueError("meta_batch")
@@ -100,7 +152,8 @@ class Reptile(MetaLearner):
 
     def _update(self, fast: dict, grads: dict, m: dict, v: dict, step: int, lr: float):
         """One inner step of the configured optimiser on every tensor of `fast` (its
-        own tensors, updated in place unless under a torch.func transform)."""
+        own tensors, updated in place unless under a torch.func transform); `step` is
+        Adam's 1-based step count."""
         names = list(grads)
         if self.cfg.inner_optimizer.value == "adam":
             ps, ms, vs = [fast[n] for n in names], [m[n] for n in names], [v[n] for n in names]
@@ -115,13 +168,15 @@ class Reptile(MetaLearner):
         size = self.cfg.eval_batch if evaluation else self.cfg.inner_batch
         return self.backend(batch.xs, size)
 
-    def _inner(self, params, xs, ys, ids, lr, grads_fn):
-        """Train one task from params on minibatches xs[ids[i]]; returns W, the
-        batches' normalisation statistics (iters, blocks, 2, C) and the logits of
-        params on the first minibatch (batch, ways)."""
+    def _inner(self, params, xs, ys, ids, lr, grads_fn, start):
+        """Train one task from params on minibatches xs[ids[i]], the optimiser starting
+        at `start` = (m, v, steps taken); returns W, the final (m, v), the batches'
+        normalisation statistics (iters, blocks, 2, C) and the logits of params on the
+        first minibatch (batch, ways)."""
         fast = {n: p.clone() for n, p in params.items()}  # updated in place: phi's own copy
-        m = {n: torch.zeros_like(p) for n, p in fast.items()}
-        v = {n: torch.zeros_like(p) for n, p in fast.items()}
+        m0, v0, t0 = start
+        m = {n: t.clone() for n, t in m0.items()}
+        v = {n: t.clone() for n, t in v0.items()}
         stats, first = [], None
         for i in range(ids.shape[0]):
             x, y = xs[ids[i]], ys[ids[i]]
@@ -133,17 +188,17 @@ class Reptile(MetaLearner):
             grads, (s, out) = grads_fn(loss_fn, fast, False)
             stats.append(s)
             first = out if first is None else first
-            self._update(fast, grads, m, v, i + 1, lr)
-        return fast, torch.stack(stats), first
+            self._update(fast, grads, m, v, t0 + i + 1, lr)
+        return fast, (m, v), torch.stack(stats), first
 
-    def _inner_groups(self, params, xs, ys, ids, lr):
-        """_inner for every task at once, tasks as channel groups: W stacked
+    def _inner_groups(self, params, xs, ys, ids, lr, start):
+        """_inner for every task at once, tasks as channel groups: W and (m, v) stacked
         (tasks, *shape), statistics (tasks, iters, blocks, 2, C) and first logits
         (tasks, batch, ways)."""
         tasks = ids.shape[0]
         fast = task_groups.stack(params, tasks)
-        m = {n: torch.zeros_like(p) for n, p in fast.items()}
-        v = {n: torch.zeros_like(p) for n, p in fast.items()}
+        m0, v0, t0 = start
+        m, v = task_groups.stack(m0, tasks), task_groups.stack(v0, tasks)
         rows = torch.arange(tasks, device=ids.device)[:, None]
         stats, first = [], None
         for i in range(ids.shape[1]):
@@ -152,42 +207,86 @@ class Reptile(MetaLearner):
             grads, s, out = task_groups.grads(self.model, fast, list(fast), x, y)
             stats.append(s)
             first = out if first is None else first
-            self._update(fast, grads, m, v, i + 1, lr)
-        return fast, torch.stack(stats, 1), first
+            self._update(fast, grads, m, v, t0 + i + 1, lr)
+        return fast, (m, v), torch.stack(stats, 1), first
 
-    def _train_tasks(self, params, xs, ys, iters, batch, generator):
-        """W for every task: dict of (tasks, *shape) tensors, the mean statistics,
-        and the first minibatch's logits of params and labels, (tasks, batch, ways)
-        and (tasks, batch)."""
+    def _fresh_state(self, params) -> tuple[dict, dict, int]:
+        zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+        return zeros, dict(zeros), 0
+
+    def _train_tasks(self, params, xs, ys, iters, batch, generator, start=None):
+        """W for every task: dict of (tasks, *shape) tensors; the optimiser's final
+        (m, v), stacked the same way; the mean statistics; and the first minibatch's
+        logits of params and labels, (tasks, batch, ways) and (tasks, batch). Every
+        task's optimiser starts at `start` (m, v, steps taken), fresh if None."""
         tasks, n = ys.shape
         ids = minibatch_ids(n, iters, min(batch, n), generator, tasks)
         backend = self.backend(xs, batch)
         grads_fn = GRADS.get(backend)
         lr = self.cfg.inner_lr
+        start = self._fresh_state(params) if start is None else start
         if backend == "groups":
-            w, stats, first = self._inner_groups(params, xs, ys, ids, lr)
+            w, mv, stats, first = self._inner_groups(params, xs, ys, ids, lr, start)
         elif backend == "loop":
-            outs = [self._inner(params, xs[t], ys[t], ids[t], lr, grads_fn) for t in range(tasks)]
+            outs = [
+                self._inner(params, xs[t], ys[t], ids[t], lr, grads_fn, start) for t in range(tasks)
+            ]
             w = {k: torch.stack([o[0][k] for o in outs]) for k in params}
-            stats = torch.stack([o[1] for o in outs])
-            first = torch.stack([o[2] for o in outs])
+            mv = tuple({k: torch.stack([o[1][j][k] for o in outs]) for k in params} for j in (0, 1))
+            stats = torch.stack([o[2] for o in outs])
+            first = torch.stack([o[3] for o in outs])
         else:
-            w, stats, first = torch.func.vmap(
-                lambda x, y, i: self._inner(params, x, y, i, lr, grads_fn)
+            w, mv, stats, first = torch.func.vmap(
+                lambda x, y, i: self._inner(params, x, y, i, lr, grads_fn, start)
             )(xs, ys, ids)
         first_labels = torch.gather(ys, 1, ids[:, 0])
-        return {k: t.detach() for k, t in w.items()}, stats.mean(0), (first, first_labels)
+        w = {k: t.detach() for k, t in w.items()}
+        return w, mv, stats.mean(0), (first, first_labels)
+
+    def _carried_tasks(self, phi, xs, ys, serial: bool, eps: float):
+        """Meta-training tasks one after another, each starting where the previous
+        task left the inner Adam (inner_state=carry); with `serial`, phi moves after
+        each task as well. Returns phi's update target, the tasks' statistics and the
+        first-minibatch logits and labels."""
+        state = self.net["adam"]
+        ws, stats, firsts = [], [], []
+        for t in range(xs.shape[0]):
+            w, (m, v), s, first = self._train_tasks(
+                phi, xs[t : t + 1], ys[t : t + 1], self.cfg.inner_iters, self.cfg.inner_batch,
+                self.generator, state.get(),
+            )  # fmt: skip
+            state.set({k: x[0] for k, x in m.items()}, {k: x[0] for k, x in v.items()},
+                      state.get()[2] + self.cfg.inner_iters)  # fmt: skip
+            if serial:
+                phi = {n: phi[n] + eps * (w[n][0] - phi[n]) for n in phi}
+            ws.append(w)
+            stats.append(s)
+            firsts.append(first)
+        w = {k: torch.cat([x[k] for x in ws]) for k in phi}
+        first = tuple(torch.cat(parts) for parts in zip(*firsts))
+        return phi, w, torch.stack(stats), first
 
     @torch.no_grad()
     def meta_step(self, batch: TaskBatch, iteration: int) -> dict[str, torch.Tensor]:
         params = self.model.params()
         phi = {n: p.detach() for n, p in params.items()}
         eps = self.meta_step_size(iteration)
-        if self.cfg.serial:
+        if self.carry:
+            phi_serial, w, stats, first = self._carried_tasks(
+                phi, batch.xs, batch.ys, self.cfg.serial, eps
+            )
+            if self.cfg.serial:
+                phi = phi_serial
+                for s in stats:  # (iters, blocks, 2, C) per task, in order
+                    self.model.update_running_stats(s.mean(0, keepdim=True))
+            else:
+                phi = {n: phi[n] + eps * (w[n].mean(0) - phi[n]) for n in phi}
+                self.model.update_running_stats(stats.mean(0).mean(0, keepdim=True))
+        elif self.cfg.serial:
             # Algorithm 1: move phi after each task, the next task starting there.
             firsts = []
             for t in range(len(batch)):
-                w, stats, first = self._train_tasks(
+                w, _, stats, first = self._train_tasks(
                     phi,
                     batch.xs[t : t + 1],
                     batch.ys[t : t + 1],
@@ -201,7 +300,7 @@ class Reptile(MetaLearner):
             first = tuple(torch.cat(parts) for parts in zip(*firsts))
         else:
             # Algorithm 2: the mean of the tasks' displacements.
-            w, stats, first = self._train_tasks(
+            w, _, stats, first = self._train_tasks(
                 phi, batch.xs, batch.ys, self.cfg.inner_iters, self.cfg.inner_batch, self.generator
             )
             phi = {n: phi[n] + eps * (w[n].mean(0) - phi[n]) for n in phi}
@@ -221,11 +320,17 @@ class Reptile(MetaLearner):
         phi = {n: p.detach() for n, p in self.model.params().items()}
         # A fixed generator: the fine-tuning minibatches of a task set never vary.
         g = torch.Generator(device=self.device).manual_seed(0)
-        w, _, _ = self._train_tasks(
-            phi, batch.xs, batch.ys, self.cfg.eval_iters, self.cfg.eval_batch, g
+        # Carried state: every evaluation task starts from the end-of-training optimiser
+        # and leaves it as it was (the authors restore it after each test task).
+        start = self.net["adam"].get() if self.carry else None
+        w, _, _, _ = self._train_tasks(
+            phi, batch.xs, batch.ys, self.cfg.eval_iters, self.cfg.eval_batch, g, start
         )
-        running = self.bn_running
-        if self.backend(batch.xs, self.cfg.eval_batch) == "groups":
+        running = self.bn_eval == "running"
+        groups = self.backend(batch.xs, self.cfg.eval_batch) == "groups"
+        if self.bn_eval == "support_plus_query":
+            return query_norm.logits_per_query(self.model, w, batch.xs, batch.xq, groups)
+        if groups:
             return task_groups.forward(self.model, w, batch.xq, running=running)[0]
 
         def query_logits(p, x):

@@ -1,18 +1,26 @@
 """Omniglot (Lake et al. 2015) read from the official zips or their folders.
 
 All 32,460 drawings are resized once to image_size x image_size and cached as
-one uint8 tensor (characters, 20, 1, H, W), ink bright on a zero background so
-that zero padding in the network means "no ink". The character split is a
-seeded shuffle into train / val / test characters (1100 / 100 / 423 as in
-MAML and learn2learn); rotations by 90/180/270 degrees optionally turn each
-training character into four classes.
+one uint8 tensor (characters, 20, 1, H, W). By default (MAML's preprocessing)
+they are LANCZOS-resized grey levels, inverted so that the ink is bright on a
+zero background and zero padding means "no ink"; Reptile's authors resize the
+1-bit image nearest-neighbour and keep it as stored, background 1 and ink 0
+(`resample=nearest invert=false`). The character split is a seeded shuffle
+into train / val / test characters (1100 / 100 / 423 as in MAML and
+learn2learn), or, with `split_shuffle=python`, Python's random.shuffle over the
+characters sorted by alphabet and character name, as supervised-reptile's
+run_omniglot.py draws its 1200 / 423 split (split_seed 0 gives that exact
+split). Rotations by 90/180/270 degrees optionally turn each training
+character into four classes.
 """
 
 import hashlib
 import io
+import random
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -77,18 +85,32 @@ def _drawings(source: Path):
             yield f"{alphabet}/{character}", zf.read(n)
 
 
-def _decode(png: bytes, size: int) -> np.ndarray:
+class Resample(Enum):
+    lanczos = "lanczos"  # grey levels from the 1-bit drawing (MAML, MAML++)
+    nearest = "nearest"  # stays binary (Reptile's authors: PIL's default for 1-bit images)
+
+
+class SplitShuffle(Enum):
+    torch = "torch"  # torch.randperm seeded with split_seed over the sorted characters
+    python = "python"  # random.Random(split_seed).shuffle over alphabet/character order
+
+
+def _decode(png: bytes, size: int, resample: str = "lanczos", invert: bool = True) -> np.ndarray:
     img = Image.open(io.BytesIO(png)).convert("L")
     if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.LANCZOS)
-    return 255 - np.asarray(img, dtype=np.uint8)  # ink bright, background 0
+        method = Image.Resampling.LANCZOS if resample == "lanczos" else Image.Resampling.NEAREST
+        img = img.resize((size, size), method)
+    x = np.asarray(img, dtype=np.uint8)
+    return 255 - x if invert else x.copy()  # inverted: ink bright, background 0
 
 
-def _build(sources: dict[str, Path], size: int) -> tuple[torch.Tensor, list[str]]:
+def _build(
+    sources: dict[str, Path], size: int, resample: str = "lanczos", invert: bool = True
+) -> tuple[torch.Tensor, list[str]]:
     by_char: dict[str, list[np.ndarray]] = {}
     for part in PARTS:
         for key, png in _drawings(sources[part]):
-            by_char.setdefault(f"{part}/{key}", []).append(_decode(png, size))
+            by_char.setdefault(f"{part}/{key}", []).append(_decode(png, size, resample, invert))
     names = sorted(by_char)
     short = [n for n in names if len(by_char[n]) != DRAWINGS_PER_CHARACTER]
     if short or not names:
@@ -101,7 +123,9 @@ def _build(sources: dict[str, Path], size: int) -> tuple[torch.Tensor, list[str]
     return images.unsqueeze(2), names  # (characters, 20, 1, H, W)
 
 
-def load_omniglot_images(root: Path, image_size: int, download: bool) -> tuple[torch.Tensor, list]:
+def load_omniglot_images(
+    root: Path, image_size: int, download: bool, resample: str = "lanczos", invert: bool = True
+) -> tuple[torch.Tensor, list]:
     """Every character's drawings, (1623, 20, 1, size, size) uint8, from cache if fresh."""
     root = Path(root).expanduser()
     sources = _find_sources(root)
@@ -123,13 +147,28 @@ def load_omniglot_images(root: Path, image_size: int, download: bool) -> tuple[t
             " there, or set dataset.root / METATRAIN_DATA"
         )
     fp = fingerprint(list(sources.values())) + [("image_size", image_size, 0)]
-    path = cache_path(next(iter(sources.values())).parent, f"omniglot_{image_size}.pt")
+    # The default preprocessing keeps its cache file name from before the options.
+    variant = (
+        "" if (resample, invert) == ("lanczos", True) else f"_{resample}" + "_raw" * (not invert)
+    )
+    fp += [("resample", 0 if resample == "lanczos" else 1, int(invert))] if variant else []
+    path = cache_path(next(iter(sources.values())).parent, f"omniglot_{image_size}{variant}.pt")
     blob = load_cache(path, fp)
     if blob is None:
-        images, names = _build(sources, image_size)
+        images, names = _build(sources, image_size, resample, invert)
         store_cache(path, fp, images=images, names=names)
         return images, names
     return blob["images"], blob["names"]
+
+
+def python_shuffle_order(names: list[str], seed: int) -> torch.Tensor:
+    """Indices into `names` ("<part>/<alphabet>/<character>") in the order of
+    random.Random(seed).shuffle over the characters sorted by alphabet, then
+    character: both parts' alphabets in one sorted listing, as supervised-reptile
+    reads them."""
+    listing = sorted(range(len(names)), key=lambda i: tuple(names[i].split("/")[1:]))
+    random.Random(seed).shuffle(listing)
+    return torch.tensor(listing)
 
 
 def split_omniglot(
@@ -139,6 +178,7 @@ def split_omniglot(
     train_classes: int,
     val_classes: int,
     rotations: bool,
+    shuffle: str = "torch",
 ) -> FewShotSplits:
     n = images.shape[0]
     if train_classes + val_classes >= n:
@@ -146,7 +186,10 @@ def split_omniglot(
             f"dataset.train_classes + dataset.val_classes must leave test characters "
             f"(Omniglot has {n}); lower them"
         )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    if shuffle == "python":
+        order = python_shuffle_order(names, split_seed)
+    else:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
     idx = {
         "train": order[:train_classes],
         "val": order[train_classes : train_classes + val_classes],
@@ -176,14 +219,21 @@ class OmniglotConfig(DatasetConfig):
     # MAML++: each class of a meta-training task turned by a random multiple of 90
     # degrees, drawn per task (not new classes; validation and test never rotated)
     augment_rotation: bool = False
+    resample: Resample = Resample.lanczos  # resizing the 105x105 drawings
+    invert: bool = True  # ink 1 on background 0 (false: as stored, background 1)
     split_seed: int = 0
+    split_shuffle: SplitShuffle = SplitShuffle.torch
     train_classes: int = 1100
+    # 0: no validation split (Reptile's authors): eval.test_from=last, no validation
     val_classes: int = 100  # the remaining 423 characters are the test classes
 
 
 @DATASETS.register("omniglot", OmniglotConfig)
 def read_omniglot(cfg, root: Path) -> FewShotSplits:
-    images, names = load_omniglot_images(root, cfg.image_size, cfg.download)
-    return split_omniglot(
-        images, names, cfg.split_seed, cfg.train_classes, cfg.val_classes, cfg.rotations
+    images, names = load_omniglot_images(
+        root, cfg.image_size, cfg.download, cfg.resample.value, cfg.invert
     )
+    return split_omniglot(
+        images, names, cfg.split_seed, cfg.train_classes, cfg.val_classes, cfg.rotations,
+        cfg.split_shuffle.value,
+    )  # fmt: skip
