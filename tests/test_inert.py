@@ -21,7 +21,10 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml
             ["algorithm=mamlpp", "algorithm.da=false", "train.iterations=1"],
             "ca=true changes nothing with a single",
         ),
-        (["algorithm=maml", "algorithm.bnrs=true"], "bnrs=true changes nothing unless evaluation reads running"),
+        (
+            ["algorithm=maml", "algorithm.bnrs=true"],
+            "bnrs=true changes nothing unless evaluation reads running",
+        ),
         (
             ["algorithm=maml", "algorithm.bnrs=true", "model.bn_eval=running"],
             "bnrs=true changes nothing with one inner step",

@@ -84,8 +84,8 @@ def carried_by_hand(model, phi, tasks, iters, lr, eps, meta_iters):
         ends = []
         for xs, ys in tasks:
             with torch.no_grad():
-                for n in w:
-                    w[n].copy_(phi[n])
+                for n, p in w.items():
+                    p.copy_(phi[n])
             for _ in range(iters):
                 opt.zero_grad()
                 F.cross_entropy(model(w, xs)[0], ys).backward()
@@ -112,6 +112,7 @@ def test_carried_inner_adam_equals_one_optimiser_never_reset(backend):
     ref = {n: opt.state[p] for n, p in zip(want, opt.param_groups[0]["params"])}
     for n in want:
         if comparable(n):
+            torch.testing.assert_close(m[n], ref[n]["exp_avg"], rtol=1e-9, atol=1e-15, msg=n)
             torch.testing.assert_close(v[n], ref[n]["exp_avg_sq"], rtol=1e-9, atol=1e-15, msg=n)
 
 
