@@ -125,6 +125,10 @@ def test_method_label_and_published_row(cfg, name, paper):
 def test_task_name():
     assert summarize.task_name(config(ways=20, shots=5)) == "Omniglot 20w5s"
     assert summarize.task_name(config(dataset="miniimagenet", shots=5)) == "MiniImageNet 5w5s"
+    assert summarize.task_name(config(dataset="cifarfs", shots=5)) == "CIFAR-FS 5w5s"
+    assert summarize.published("maml", "batch", "CIFAR-FS 5w1s") == "58.9 ± 1.9"
+    assert summarize.published("anil", "batch", "MiniImageNet 5w1s") is None  # no source
+    assert summarize.TASKS.index("CUB 5w5s") > summarize.TASKS.index("MiniImageNet 5w5s")
 
 
 def test_reproduced_row_shows_the_published_number_and_the_difference(tmp_path):

@@ -14,11 +14,10 @@ split). Rotations by 90/180/270 degrees optionally turn each training
 character into four classes.
 """
 
-import hashlib
 import io
 import random
-import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image
 from metatrain.config import DatasetConfig
 from metatrain.data import FewShotSplits
 from metatrain.data.cache import cache_path, fingerprint, load_cache, store_cache
+from metatrain.data.download import Remote, fetch, looks_like_html
 from metatrain.errors import MetatrainError
 from metatrain.registry import DATASETS
 
@@ -60,15 +60,11 @@ def _find_sources(root: Path) -> dict[str, Path] | None:
 
 
 def _download(root: Path) -> None:
-    target = root / "omniglot-py"
-    target.mkdir(parents=True, exist_ok=True)
+    # md5 is checked on download only: copies rebuilt from the same images differ in md5
     for part, url in URLS.items():
-        data = urllib.request.urlopen(url, timeout=60).read()
-        if hashlib.md5(data).hexdigest() != OFFICIAL_MD5[part]:
-            raise MetatrainError(
-                f"downloaded {url} has the wrong md5; fetch it by hand into {target}"
-            )
-        (target / f"{part}.zip").write_bytes(data)
+        dest = root / "omniglot-py" / f"{part}.zip"
+        if not dest.is_file():
+            fetch(Remote(url, OFFICIAL_MD5[part]), dest)
 
 
 def _drawings(source: Path):
@@ -78,11 +74,21 @@ def _drawings(source: Path):
         for f in files:
             yield f"{f.parent.parent.name}/{f.parent.name}", f.read_bytes()
         return
-    with zipfile.ZipFile(source) as zf:
-        names = sorted(n for n in zf.namelist() if n.endswith(".png"))
-        for n in names:
-            alphabet, character = n.split("/")[-3:-1]
-            yield f"{alphabet}/{character}", zf.read(n)
+    try:
+        with zipfile.ZipFile(source) as zf:
+            names = sorted(n for n in zf.namelist() if n.endswith(".png"))
+            for n in names:
+                alphabet, character = n.split("/")[-3:-1]
+                yield f"{alphabet}/{character}", zf.read(n)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # cut short, or not a zip at all
+        with open(source, "rb") as f:
+            what = "an HTML page" if looks_like_html(f.read(512)) else "truncated or corrupt"
+        url = URLS.get(source.stem, "the official zip")
+        raise MetatrainError(
+            f"{source} is {what} ({type(e).__name__}: {' '.join(str(e).split())}), not the "
+            "Omniglot zip; move it away "
+            f"(nothing was deleted) and put {url} there, or let metatrain download it"
+        ) from None
 
 
 class Resample(Enum):
@@ -130,15 +136,7 @@ def load_omniglot_images(
     root = Path(root).expanduser()
     sources = _find_sources(root)
     if sources is None and download:
-        try:
-            _download(root)
-        except MetatrainError:
-            raise
-        except Exception as e:  # noqa: BLE001 - no network, proxy, read-only disk...
-            raise MetatrainError(
-                f"Omniglot not found in {root} and the download failed ({type(e).__name__}); "
-                f"put {' and '.join(URLS.values())} into {root / 'omniglot-py'}"
-            ) from None
+        _download(root)
         sources = _find_sources(root)
     if sources is None:
         raise MetatrainError(
