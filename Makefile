@@ -5,7 +5,8 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
 .PHONY: help install test lint format train clean smoke repro-omniglot repro-miniimagenet \
-	ablation-mamlpp summarize plot slurm-start slurm-stop
+	ablation-mamlpp summarize plot slurm-start slurm-stop gpu-wheels gpu-data gpu-authors \
+	gpu-prepare gpu-check
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -34,6 +35,30 @@ train: install ## meta-train with the defaults (MAML, Omniglot 5-way 1-shot); AR
 .PHONY: bench
 bench: install ## metatrain vs a naive loop (and the MAML++ authors' code: AUTHORS_DIR=checkout) in one run -> bench.json + table; ARGS="--threads 2 ..."
 	$(PY) scripts/bench.py $(if $(AUTHORS_DIR),--authors-dir $(AUTHORS_DIR)) $(ARGS)
+
+# The GPU check (README, "The GPU check"): prepare here, run on a lent GPU machine.
+OMNIGLOT_SRC ?= /work/shared/data/omniglot/omniglot-py
+AUTHORS_GIT ?= /work/.mirror/AntreasAntoniou+HowToTrainYourMAMLPytorch/repo
+
+gpu-wheels: ## wheels the GPU machine's python 3.12 lacks (hydra-core, omegaconf, antlr4) -> .whl/
+	bash scripts/gpu_wheels.sh
+
+gpu-data: ## copy Omniglot (OMNIGLOT_SRC) into .gpudata/omniglot/omniglot-py, for the device call to carry
+	mkdir -p .gpudata/omniglot/omniglot-py
+	cp $(OMNIGLOT_SRC)/images_background.zip $(OMNIGLOT_SRC)/images_evaluation.zip .gpudata/omniglot/omniglot-py/
+	chmod -R u+w .gpudata
+
+gpu-authors: ## the MAML++ authors' code (AUTHORS_GIT: the git dir that fetch made) -> .authors_maml/, code only
+	rm -rf .authors_maml && mkdir -p .authors_maml
+	git --git-dir=$(AUTHORS_GIT) archive HEAD -- LICENSE experiment_config utils \
+	  $$(git --git-dir=$(AUTHORS_GIT) ls-tree --name-only HEAD | grep '\.py$$') | tar -x -C .authors_maml
+	test -f .authors_maml/few_shot_learning_system.py
+
+gpu-prepare: gpu-wheels gpu-data gpu-authors ## all three, then the size the device call carries
+	@du -shc .whl .gpudata .authors_maml
+
+gpu-check: ## the GPU check (scripts/gpu_check.sh; on the GPU machine; DEVICE=cpu BUDGET=150 for a dry run)
+	bash scripts/gpu_check.sh
 
 SEEDS ?= 0,1,2
 METATRAIN := $(VENV)/bin/metatrain

@@ -36,6 +36,14 @@ one run to the next): --rounds N times each setting's implementations in turn, N
 over, and reports the median round, so that ours and the baselines share the drift;
 the matmul rate is measured at the start and the end, and the faster one makes the
 bound.
+
+On CUDA: --speed plain,compile,graphs,bf16 times each of our rows under each set of
+speed switches (SPEEDS: train.compile, train.cuda_graphs, train.amp_bf16; '+' joins
+them, e.g. bf16+compile), the baselines once; bf16 rows are bounded by the bf16 matmul
+rate. --budget S stops starting workers after S seconds (the rest are recorded as
+skipped), the report is rewritten after every setting (a killed run keeps its finished
+rows), and --append adds the rows to an earlier report, so that one report gathers
+several runs ordered by priority (scripts/gpu_check.sh).
 """
 
 import argparse
@@ -182,6 +190,24 @@ AUTHORS_SETTINGS = {
 }
 
 
+# --speed modes: the overrides each adds to our rows (the baselines run once, plain).
+SPEEDS = {
+    "plain": [],
+    "compile": ["train.compile=true"],
+    "graphs": ["train.cuda_graphs=true"],
+    "bf16": ["train.amp_bf16=true"],
+}
+
+
+def speed_overrides(speed: str) -> list[str]:
+    """The overrides of a speed mode; '+' joins modes (bf16+compile)."""
+    parts = speed.split("+")
+    unknown = [m for m in parts if m not in SPEEDS]
+    if unknown:
+        raise ValueError(f"unknown speed modes {unknown}; known: {', '.join(SPEEDS)}")
+    return [o for m in parts for o in SPEEDS[m]]
+
+
 def kind_of(setting: str) -> str:
     """train: one meta-iteration per unit; eval: one batch of evaluation tasks."""
     return "eval" if setting.startswith("eval-") else "train"
@@ -190,11 +216,13 @@ def kind_of(setting: str) -> str:
 # -- measurements that need no model ----------------------------------------------------
 
 
-def matmul_gflops(device, reps: int = 5, n: int = 4096) -> float:
+def matmul_gflops(device, reps: int = 5, n: int = 4096, dtype=None) -> float:
+    """n^3 matmul rate (float32 by default, TF32 where setup_device allowed it)."""
     import torch
 
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    dtype = dtype or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / _best_time(lambda: a @ b, device, reps) / 1e9
 
 
@@ -472,7 +500,15 @@ def run_worker(job: dict, timeout: float) -> dict:
     """Run one job in a fresh interpreter: its own allocator state and peak memory."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
-    out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env)
+    if job["device"] == "cpu" and job.get("impl") == "authors":
+        # their code takes the GPU whenever one is visible
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        out = subprocess.run(
+            cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env
+        )
+    except subprocess.TimeoutExpired:
+        return {**job, "error": f"timed out after {timeout:.0f} s"}
     if out.returncode != 0:
         return {**job, "error": _error_line(out.stderr)}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -509,7 +545,7 @@ def merge_rounds(parts: list[dict]) -> dict:
 # -- the report ---------------------------------------------------------------------------
 
 
-def machine(device, threads: int) -> dict:
+def machine(device, threads: int, n: int = 4096) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -523,12 +559,15 @@ def machine(device, threads: int) -> dict:
         "cpu_flags": flags,
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
-        "matmul_gflops": matmul_gflops(device),
+        "matmul_gflops": matmul_gflops(device, n=n),
+        "matmul_size": n,
         "conv_gflops": conv_gflops(device),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["tf32"] = torch.backends.cuda.matmul.allow_tf32
+        # the ceiling of rows under bf16 autocast; 8192^2 fills an H100/H200
+        info["matmul_bf16_gflops"] = matmul_gflops(device, n=8192, dtype=torch.bfloat16)
     return info
 
 
@@ -570,11 +609,14 @@ def add_derived(result: dict, machines: dict) -> dict:
     if "error" in result:
         return result
     m = machines[result["device"]]
-    flops = result["flops_per_iter"]
+    flops = result.get("flops_per_iter")
+    bf16 = "bf16" in result.get("speed", "plain").split("+") and "matmul_bf16_gflops" in m
+    rate = m["matmul_bf16_gflops"] if bf16 else m["matmul_gflops"]
     if flops:
         result["gflops_per_iter"] = flops / 1e9
         result["achieved_gflops"] = flops / 1e9 / result["s_per_iter"]
-        result["bound_s"] = flops / 1e9 / m["matmul_gflops"]
+        result["bound_gflops"] = rate
+        result["bound_s"] = flops / 1e9 / rate
         result["x_bound"] = result["s_per_iter"] / result["bound_s"]
     others = result.get("other_cores_busy")
     result["contended"] = others is not None and others > 0.25
@@ -618,6 +660,11 @@ def print_table(report: dict) -> None:
             f"{m.get('cpu_isa', '?')}), torch {m['torch']}, {m['threads']} threads: matmul "
             f"{m['matmul_gflops']:.1f} GFLOP/s (fp32 4096^2), conv {m['conv_gflops']:.1f} "
             "GFLOP/s (64->64 3x3 NHWC)"
+            + (
+                f", bf16 matmul {m['matmul_bf16_gflops']:.1f} GFLOP/s (8192^2)"
+                if "matmul_bf16_gflops" in m
+                else ""
+            )
         )
     if report.get("contended"):
         console.print(
@@ -639,9 +686,12 @@ def print_table(report: dict) -> None:
                 table.add_row(r["setting"], r["device"], r["impl"], "", f"[red]{r['error']}")
             continue
         if "error" in r:
-            table.add_row(r["setting"], r["device"], r["backend"], "", f"[red]{r['error']}")
+            speed = f" {r['speed']}" if r.get("speed", "plain") != "plain" else ""
+            table.add_row(r["setting"], r["device"], r["backend"] + speed, "", f"[red]{r['error']}")
             continue
         backend = r["backend"] if r["backend"] != "auto" else f"auto={r['backend_used']}"
+        if r.get("speed", "plain") != "plain":
+            backend += f" {r['speed']}"
         unit = "iter" if r["kind"] == "train" else f"{r['tasks']} tasks"
         table.add_row(
             r["setting"],
@@ -664,7 +714,7 @@ def print_table(report: dict) -> None:
         "s: median over the timed units (a meta-iteration, or one batch of evaluation "
         "tasks); naive s / authors s: theirs for as many tasks; x naive / x authors = their "
         "time per task / ours, measured in this run; "
-        "bound s = GFLOP / matmul GFLOP/s; x bound = ours s / bound s; (busy): other "
+        "bound s = GFLOP / matmul GFLOP/s (bf16 rows: the bf16 rate); x bound = ours s / bound s; (busy): other "
         "processes kept > 0.25 cores busy while that row was timed."
     )
 
@@ -734,6 +784,26 @@ def main(argv=None) -> int:
         nargs="*",
         help="extra config overrides for every setting, e.g. train.amp_bf16=true",
     )
+    p.add_argument(
+        "--speed",
+        default="plain",
+        help=f"comma list of speed modes for our rows ({', '.join(SPEEDS)}; '+' joins them)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0,
+        help="seconds for the whole run: no worker starts after it (0: no limit)",
+    )
+    p.add_argument(
+        "--append", action="store_true", help="add the rows to the report already at --out"
+    )
+    p.add_argument(
+        "--matmul-size",
+        type=int,
+        default=4096,
+        help="n of the n^3 float32 matmul that measures the machine's rate",
+    )
     p.add_argument("--show", metavar="JSON", help="print the table of an earlier report")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -767,80 +837,114 @@ def main(argv=None) -> int:
 
     from metatrain.algorithms.inner import setup_device
 
-    machines = {}
+    try:
+        speeds = args.speed.split(",")
+        for speed in speeds:
+            speed_overrides(speed)
+    except ValueError as e:
+        p.error(f"--speed: {e}")
+    earlier = {}
+    if args.append and args.out != "-" and Path(args.out).is_file():
+        earlier = json.loads(Path(args.out).read_text())
+    machines = dict(earlier.get("machines", {}))
     for dev in devices:
+        if dev in machines:  # measured by the run this one appends to
+            continue
         if args.wait_idle > 0 and dev == "cpu":
             wait_idle(args.wait_idle)
         device = torch.device(dev)
         setup_device(device)
-        machines[dev] = machine(device, threads)
+        machines[dev] = machine(device, threads, args.matmul_size)
     baselines = [b for b in args.baselines.split(",") if b]
     if "authors" in baselines and not args.authors_dir:
         baselines.remove("authors")
     if args.authors_dir and not (Path(args.authors_dir) / "few_shot_learning_system.py").exists():
         p.error(f"--authors-dir {args.authors_dir} holds no few_shot_learning_system.py")
-    results = []
+    deadline = time.perf_counter() + args.budget if args.budget else None
+    commands = [*earlier.get("commands", []), " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])]
+    results = list(earlier.get("results", []))
+
+    def write(results, final):
+        rows = [dict(r) for r in results]
+        add_ratios(rows)
+        report = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "metatrain_commit": _git_commit(),
+            "command": commands[-1],
+            "commands": commands,
+            "complete": final,
+            "machines": machines,
+            "contended": any(r.get("contended") for r in rows),
+            "results": rows,
+        }
+        if args.out != "-":
+            # rewritten after every setting: a run killed from outside keeps its rows
+            tmp = Path(str(args.out) + ".tmp")
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            os.replace(tmp, args.out)
+        return report
+
     for name in names:
         for dev in devices:
-            runs = [("ours", backend) for backend in backends]
-            runs += [(b, "-") for b in baselines if dev == "cpu"]
+            runs = [("ours", b, sp) for sp in speeds for b in backends]
+            runs += [(b, "-", "plain") for b in baselines]
             # their code runs MAML++ at epoch 0 only (see AUTHORS_SETTINGS)
             runs = [r for r in runs if r[0] != "authors" or name in AUTHORS_SETTINGS]
             parts = {run: [] for run in runs}
             for rnd in range(max(args.rounds, 1)):
-                for impl, backend in runs:
+                for impl, backend, speed in runs:
                     job = {
                         "setting": name,
                         "impl": impl,
                         "device": dev,
                         "backend": "auto" if backend == "-" else backend,
+                        "speed": speed,
                         "threads": threads,
                         "iters": args.iters,
                         "warmup": args.warmup,
                         "flops": not args.no_flops and rnd == 0,
-                        "overrides": args.overrides,
+                        "overrides": [*speed_overrides(speed), *args.overrides],
                         "authors_dir": args.authors_dir,
                         "profile": args.profile if rnd == 0 else 0,
                     }
                     for attempt in range(args.retry_busy + 1):
+                        left = None if deadline is None else deadline - time.perf_counter()
+                        if left is not None and left < 1:
+                            r = {**job, "error": "skipped: --budget spent"}
+                            break
                         if args.wait_idle > 0 and dev == "cpu":
                             wait_idle(args.wait_idle)
-                        r = run_worker(job, args.timeout)
+                        r = run_worker(
+                            job, args.timeout if left is None else min(args.timeout, left)
+                        )
                         busy = (r.get("other_cores_busy") or 0.0) > 0.25
                         if not busy:
                             break
-                    parts[(impl, backend)].append(r)
-                    shown = r.get("error") or f"{r['s_per_iter']:.3f} s ({r['backend_used']})"
+                    parts[(impl, backend, speed)].append(r)
+                    shown = r.get("error") or f"{r['s_per_iter']:.4f} s ({r['backend_used']})"
                     where = f" round {rnd + 1}" if args.rounds > 1 else ""
                     print(
-                        f"{name} {impl} {dev} {backend}{where}: {shown}",
+                        f"{name} {impl} {dev} {backend} {speed}{where}: {shown}",
                         file=sys.stderr,
                         flush=True,
                     )
             results += [add_derived(merge_rounds(parts[run]), machines) for run in runs]
+            write(results, final=False)
     for dev in devices:
         # The matmul rate drifts with the machine: measured again at the end, and the
         # faster of the two makes the bound (the stricter x bound).
-        end = matmul_gflops(torch.device(dev))
+        end = matmul_gflops(torch.device(dev), n=machines[dev].get("matmul_size", 4096))
         m = machines[dev]
-        m["matmul_gflops_start_end"] = [m["matmul_gflops"], end]
+        m["matmul_gflops_start_end"] = [
+            *m.get("matmul_gflops_start_end", [m["matmul_gflops"]]),
+            end,
+        ]
         if end > m["matmul_gflops"]:
             m["matmul_gflops"] = end
             results = [add_derived(r, machines) for r in results]
-    add_ratios(results)
-    report = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "metatrain_commit": _git_commit(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machines": machines,
-        "contended": any(r.get("contended") for r in results),
-        "results": results,
-    }
-    text = json.dumps(report, indent=2)
+    report = write(results, final=True)
     if args.out == "-":
-        print(text)
-    else:
-        Path(args.out).write_text(text + "\n")
+        print(json.dumps(report, indent=2))
     print_table(report)
     if args.profile:
         print_profiles(report)

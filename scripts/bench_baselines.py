@@ -184,12 +184,17 @@ def build_authors(cfg, sampler, generator, kind: str, authors_dir: str):
     def data():
         b = sampler.sample(tasks, generator)
         s, n = b.xs.shape[2:], ds.ways
-        # (tasks, ways, per class, C, H, W) and (tasks, ways, per class), class-major as ours
-        return (
-            b.xs.reshape(tasks, n, ds.shots, *s),
-            b.xq.reshape(tasks, n, -1, *s)[:, :, :queries],
-            b.ys.reshape(tasks, n, ds.shots),
-            b.yq.reshape(tasks, n, -1)[:, :, :queries],
+        # (tasks, ways, per class, C, H, W) and (tasks, ways, per class), class-major as ours.
+        # On the host, as their data loader hands them over: run_train_iter wraps them in
+        # torch.Tensor (CPU only) and copies them to their device, inside their time.
+        return tuple(
+            t.cpu()
+            for t in (
+                b.xs.reshape(tasks, n, ds.shots, *s),
+                b.xq.reshape(tasks, n, -1, *s)[:, :, :queries],
+                b.ys.reshape(tasks, n, ds.shots),
+                b.yq.reshape(tasks, n, -1)[:, :, :queries],
+            )
         )
 
     def train():
