@@ -38,6 +38,8 @@ from metatrain.meta_test import load_members, test_block
 from metatrain.naming import algorithm_label, bn_eval_mode
 
 HEAD_KEYS = ("model.head_weight", "model.head_bias")  # in learner.net's state dict
+# Reptile's carried inner Adam keeps moments of the head's tensors too (AdamState).
+HEAD_KEYS += tuple(f"adam.{k}__head__{p}" for k in ("m", "v") for p in ("weight", "bias"))
 
 
 def narrow_head(state: dict, ways: int) -> dict:

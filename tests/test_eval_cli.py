@@ -108,6 +108,20 @@ def test_other_protocols_write_their_own_file_and_touch_nothing_else(runs, overr
     assert digests(run_dir) == before
 
 
+def test_reptile_with_carried_adam_and_support_plus_query(omniglot_data, tmp_path):
+    overrides = [*ALGORITHMS["reptile"], "algorithm.inner_state=carry"]
+    overrides += ["model.bn_eval=support_plus_query", "eval.test_from=last"]
+    results = train(make_cfg(*BASE, *overrides), tmp_path)
+    _, record = evaluate_run(tmp_path, [], log=lambda *_: None)
+    assert record["single"] == results["test"]["single"]
+    assert record["bn_eval"] == "support_plus_query"
+    # fewer ways: the carried Adam moments of the head narrow with it
+    _, fewer = evaluate_run(tmp_path, ["dataset.ways=3"], log=lambda *_: None)
+    assert fewer["protocol"]["ways"] == 3 and 0 <= fewer["single"]["acc"] <= 100
+    _, other = evaluate_run(tmp_path, ["model.bn_eval=transductive"], log=lambda *_: None)
+    assert other["bn_eval"] == "transductive"
+
+
 def test_validation_split_reproduces_the_best_validation_score(runs):
     run_dir, results = runs("maml")
     _, record = evaluate_run(run_dir, ["eval.split=val"], log=lambda *_: None)
