@@ -66,7 +66,9 @@ def _check_settings(cfg) -> None:
     for key, value in positive.items():
         if value < 1:
             raise MetatrainError(f"{key}={value} must be at least 1")
-    if cfg.dataset.queries < 1:
+    if cfg.eval.queries < 0:
+        raise MetatrainError(f"eval.queries={cfg.eval.queries} must not be negative")
+    if (cfg.eval.queries or cfg.dataset.queries) < 1:
         raise MetatrainError(f"dataset.queries={cfg.dataset.queries}: evaluation needs queries")
 
 
@@ -110,6 +112,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
     learner = build_learner(cfg, model, device)
     train_shots, train_queries = learner.train_shape(ds.shots, ds.queries)
     images = {k: v.to(device) for k, v in splits.images.items()}
+    eval_q = cfg.eval.queries or ds.queries  # queries per class of validation and test tasks
     samplers = {
         "train": EpisodeSampler(
             images["train"],
@@ -121,13 +124,14 @@ def train(cfg, run_dir: Path | None = None) -> dict:
             "train",
             rotate=getattr(ds, "augment_rotation", False),
         ),
-        "val": EpisodeSampler(images["val"], ds.ways, ds.shots, ds.queries, ds.mean, ds.std, "val"),
-        "test": EpisodeSampler(
-            images["test"], ds.ways, ds.shots, ds.queries, ds.mean, ds.std, "test"
-        ),
+        **{
+            split: EpisodeSampler(images[split], ds.ways, ds.shots, eval_q, ds.mean, ds.std, split)
+            for split in ("val", "test")
+        },
     }
-    val_tasks = FixedTasks(samplers["val"], cfg.eval.val_tasks, cfg.eval.seed)
-    test_tasks = FixedTasks(samplers["test"], cfg.eval.test_tasks, cfg.eval.seed + 1)
+    turn = getattr(ds, "eval_rotation", False)
+    val_tasks = FixedTasks(samplers["val"], cfg.eval.val_tasks, cfg.eval.seed, turn)
+    test_tasks = FixedTasks(samplers["test"], cfg.eval.test_tasks, cfg.eval.seed + 1, turn)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     start, wall, best = 0, 0.0, []  # best: [(val acc, iteration, file name)], best first
