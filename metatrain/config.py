@@ -116,6 +116,9 @@ class EvalConfig:
     seed: int = 1234  # fixes the validation and test task sets for every run
     val_tasks: int = 200
     test_tasks: int = 600
+    # Query examples per class of validation and test tasks; 0: dataset.queries. MAML's
+    # code meta-trains MiniImageNet with 15 and tests with as many as shots.
+    queries: int = 0
     batch: int = 50  # tasks adapted at once during evaluation
     ensemble_top_k: int = 1  # average the logits of the k best validation checkpoints
     test_from: TestFrom = TestFrom.best

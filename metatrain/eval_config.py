@@ -116,6 +116,8 @@ def _check_protocol(trained, cfg, keys: list[str]) -> None:
     for key in ("eval.test_tasks", "eval.val_tasks", "eval.batch", "dataset.queries"):
         if OmegaConf.select(cfg, key) < 1:
             raise MetatrainError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1")
+    if cfg.eval.queries < 0:
+        raise MetatrainError(f"eval.queries={cfg.eval.queries} must not be negative")
     for key in ("algorithm.eval_steps", "algorithm.eval_iters", "algorithm.eval_batch"):
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value < 1:

@@ -92,7 +92,8 @@ def protocol(setup: EvalSetup) -> dict:
         "split": setup.split,
         "ways": d.ways,
         "shots": d.shots,
-        "queries": d.queries,
+        "queries": cfg.eval.queries or d.queries,
+        "rotated": bool(getattr(d, "eval_rotation", False)),
         "tasks": split_tasks,
         "seed": cfg.eval.seed,
         "ensemble_top_k": cfg.eval.ensemble_top_k,
@@ -140,12 +141,14 @@ def evaluate_run(run_dir: Path, overrides: list[str], log=print) -> tuple[Path, 
 
     d = cfg.dataset
     images = load_splits(d).images[setup.split].to(device)
-    sampler = EpisodeSampler(images, ways, d.shots, d.queries, d.mean, d.std, setup.split)
+    queries = cfg.eval.queries or d.queries
+    sampler = EpisodeSampler(images, ways, d.shots, queries, d.mean, d.std, setup.split)
     # The same task sets as training: validation seeded eval.seed, test eval.seed + 1.
+    turn = getattr(d, "eval_rotation", False)
     if setup.split == "test":
-        tasks = FixedTasks(sampler, cfg.eval.test_tasks, cfg.eval.seed + 1)
+        tasks = FixedTasks(sampler, cfg.eval.test_tasks, cfg.eval.seed + 1, turn)
     else:
-        tasks = FixedTasks(sampler, cfg.eval.val_tasks, cfg.eval.seed)
+        tasks = FixedTasks(sampler, cfg.eval.val_tasks, cfg.eval.seed, turn)
     block = test_block(
         learner, tasks, cfg.eval.batch, best, members,
         cfg.eval.test_from.value, bn_eval_mode(cfg.model.bn_eval),

@@ -41,6 +41,8 @@ EVAL_PROTOCOL_KEYS = (
     "dataset.ways",  # at most the trained ways: the head's first units
     "dataset.shots",
     "dataset.queries",
+    "eval.queries",
+    "dataset.eval_rotation",
     "algorithm.eval_steps",
     "algorithm.inner_lr",  # refused where LSLR learned it
     "algorithm.eval_iters",

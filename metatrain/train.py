@@ -66,7 +66,9 @@ def _check_settings(cfg) -> None:
     for key, value in positive.items():
         if value < 1:
             raise MetatrainError(f"{key}={value} must be at least 1")
-    if cfg.dataset.queries < 1:
+    if cfg.eval.queries < 0:
+        raise MetatrainError(f"eval.queries={cfg.eval.queries} must not be negative")
+    if (cfg.eval.queries or cfg.dataset.queries) < 1:
         raise MetatrainError(f"dataset.queries={cfg.dataset.queries}: evaluation needs queries")
 
 
@@ -110,6 +112,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
     learner = build_learner(cfg, model, device)
     train_shots, train_queries = learner.train_shape(ds.shots, ds.queries)
     images = {k: v.to(device) for k, v in splits.images.items()}
+    eval_q = cfg.eval.queries or ds.queries  # queries per class of validation and test tasks
     samplers = {
         "train": EpisodeSampler(
             images["train"],
@@ -121,24 +124,23 @@ def train(cfg, run_dir: Path | None = None) -> dict:
             "train",
             rotate=getattr(ds, "augment_rotation", False),
         ),
-        "test": EpisodeSampler(
-            images["test"], ds.ways, ds.shots, ds.queries, ds.mean, ds.std, "test"
-        ),
+        "test": EpisodeSampler(images["test"], ds.ways, ds.shots, eval_q, ds.mean, ds.std, "test"),
     }
+    turn = getattr(ds, "eval_rotation", False)
     # A split with no validation classes (Reptile's authors train on all but the test
     # characters) has no validation and no best checkpoints: the last parameters are tested.
     val_tasks = None
     if images["val"].shape[0] > 0:
         samplers["val"] = EpisodeSampler(
-            images["val"], ds.ways, ds.shots, ds.queries, ds.mean, ds.std, "val"
+            images["val"], ds.ways, ds.shots, eval_q, ds.mean, ds.std, "val"
         )
-        val_tasks = FixedTasks(samplers["val"], cfg.eval.val_tasks, cfg.eval.seed)
+        val_tasks = FixedTasks(samplers["val"], cfg.eval.val_tasks, cfg.eval.seed, turn)
     elif cfg.eval.test_from.value != "last":
         raise MetatrainError(
             "this dataset split has no validation classes, so there is no best checkpoint "
             "to test: set eval.test_from=last (or give the split validation classes)"
         )
-    test_tasks = FixedTasks(samplers["test"], cfg.eval.test_tasks, cfg.eval.seed + 1)
+    test_tasks = FixedTasks(samplers["test"], cfg.eval.test_tasks, cfg.eval.seed + 1, turn)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     start, wall, best = 0, 0.0, []  # best: [(val acc, iteration, file name)], best first

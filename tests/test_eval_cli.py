@@ -24,7 +24,7 @@ from tests.conftest import TINY, make_cfg
 
 BASE = [*TINY, "train.iterations=10", "train.val_interval=5", "eval.val_tasks=12"]
 BASE += ["eval.test_tasks=16"]
-BASE += ["eval.ensemble_top_k=2", "train.keep_best=3", "eval.batch=8"]
+BASE += ["eval.ensemble_top_k=2", "train.keep_best=3", "eval.batch=8", "eval.test_from=best"]
 ALGORITHMS = {
     "maml": ["algorithm=maml"],
     "fomaml": ["algorithm=fomaml"],
@@ -143,7 +143,9 @@ def test_ensemble_is_the_mean_of_the_members_query_logits(runs):
     learner = build_learner(cfg, build_model(cfg, torch.device("cpu")), torch.device("cpu"))
     d = cfg.dataset
     images = load_splits(d).images["test"]
-    tasks = FixedTasks(EpisodeSampler(images, 4, d.shots, d.queries, d.mean, d.std), 16, 1235)
+    assert d.eval_rotation  # MAML's Omniglot protocol: test tasks turned per class
+    sampler = EpisodeSampler(images, 4, d.shots, d.queries, d.mean, d.std)
+    tasks = FixedTasks(sampler, 16, 1235, rotate=True)
     batches = list(tasks.batches(8))  # as eval.batch=8
     labels = torch.cat([b.yq for b in batches])
     logits = []

@@ -30,6 +30,7 @@ recomputing each inner step during the backward sweep (recompute.py).
 """
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,13 @@ from metatrain.registry import LEARNERS
 from metatrain.task_batch import TaskBatch
 
 
+class LossReduction(Enum):
+    mean = "mean"  # the mean cross-entropy of a batch
+    # MAML's TF code: the batch's summed cross-entropy divided by the shots, i.e. the
+    # mean times ways on a support set and times ways*queries/shots on a query set
+    sum_div_shots = "sum_div_shots"
+
+
 @dataclass
 class MamlConfig(AlgorithmConfig):
     """MAML, FOMAML, MAML++, ANIL and Meta-SGD are presets of this one schema."""
@@ -59,6 +67,7 @@ class MamlConfig(AlgorithmConfig):
     inner_lr: float = 0.4
     train_steps: int = 1
     eval_steps: int = 3
+    loss_reduction: LossReduction = LossReduction.mean  # inner and outer losses alike
     # MAML++ switches (Antoniou et al. 2019), each independent.
     msl: bool = False  # multi-step loss
     msl_epochs: int = 10
@@ -95,15 +104,23 @@ class Maml(MetaLearner):
 
     @classmethod
     def from_config(cls, cfg, model, device):
-        return cls(cfg.algorithm, model, cfg.train, bn_eval_mode(cfg.model.bn_eval), device)
+        return cls(
+            cfg.algorithm, model, cfg.train, bn_eval_mode(cfg.model.bn_eval), device,
+            cfg.dataset.shots,
+        )  # fmt: skip
 
     @classmethod
     def bn_steps(cls, algo_cfg) -> tuple[int, int]:
         steps = algo_cfg.train_steps
         return (steps if algo_cfg.bnwb else 0), (steps if algo_cfg.bnrs else 1)
 
-    def __init__(self, cfg, model, train_cfg, bn_eval: str, device: torch.device):
+    def __init__(
+        self, cfg, model, train_cfg, bn_eval: str, device: torch.device, shots: int | None = None
+    ):
         self.cfg, self.model, self.train_cfg = cfg, model, train_cfg
+        self.shots = shots  # support examples per class: sum_div_shots divides by them
+        if cfg.loss_reduction == LossReduction.sum_div_shots and shots is None:
+            raise MetatrainError("algorithm.loss_reduction=sum_div_shots needs dataset.shots")
         # Evaluation normalises with running statistics only under model.bn_eval=running;
         # those are per inner step under BNRS (see README: running-statistic evaluation
         # of a network meta-trained with batch statistics, and why it is not the default).
@@ -197,6 +214,13 @@ class Maml(MetaLearner):
 
     # -- one task -----------------------------------------------------------
 
+    def loss_scale(self, examples: int) -> float:
+        """The factor that turns the mean cross-entropy of a batch of `examples` into
+        the configured reduction (a plain number: shapes are static under vmap)."""
+        if self.cfg.loss_reduction == LossReduction.sum_div_shots:
+            return examples / self.shots
+        return 1.0
+
     def _rates(self) -> dict | None:
         return self.net["rates"].tensors() if "rates" in self.net else None
 
@@ -239,7 +263,7 @@ class Maml(MetaLearner):
 
             def support_loss(adapted, i=i):
                 out, s = support({**fast, **adapted}, i)
-                return F.cross_entropy(out, ys), s
+                return F.cross_entropy(out, ys) * self.loss_scale(ys.shape[-1]), s
 
             grads, s = grads_fn(support_loss, {n: fast[n] for n in self.adapted}, create_graph)
             stats.append(s)
@@ -249,7 +273,8 @@ class Maml(MetaLearner):
             if weights[i] != 0.0 or i == steps - 1:
                 logits, _ = query(fast, i)
                 if weights[i] != 0.0:
-                    loss = loss + weights[i] * F.cross_entropy(logits, yq)
+                    ce = F.cross_entropy(logits, yq) * self.loss_scale(yq.shape[-1])
+                    loss = loss + weights[i] * ce
         acc = (logits.argmax(-1) == yq).float().mean()
         return loss, acc, logits, torch.stack(stats)
 

@@ -35,6 +35,7 @@ def run_tasks(
             out, s = task_groups.forward(model, {**fast, **adapted}, xs, i, running)
             # sum over tasks of each task's mean: task t's slice gets task t's gradient
             loss = F.cross_entropy(out.flatten(0, 1), ys.flatten(), reduction="sum") / ys.shape[1]
+            loss = loss * learner.loss_scale(ys.shape[1])
             names = list(adapted)
             g = torch.autograd.grad(loss, [adapted[n] for n in names], create_graph=create_graph)
         stats.append(s)
@@ -49,6 +50,7 @@ def run_tasks(
                 logits, _ = task_groups.forward(model, fast, xq, i, running)  # (T, Nq, ways)
             if weights[i] != 0.0:
                 ce = F.cross_entropy(logits.flatten(0, 1), yq.flatten(), reduction="none")
-                losses = losses + weights[i] * ce.view(tasks, -1).mean(1)
+                ce = ce.view(tasks, -1).mean(1) * learner.loss_scale(yq.shape[1])
+                losses = losses + weights[i] * ce
     acc = (logits.argmax(-1) == yq).float().mean(1)
     return losses, acc, logits, torch.stack(stats, 1)

@@ -97,7 +97,7 @@ def recomputed_task(learner, params, rates, xs, ys, xq, yq, steps, weights):
 
         def support_loss(adapted):
             out, s = support({**fast, **adapted}, i)
-            return F.cross_entropy(out, ys), s
+            return F.cross_entropy(out, ys) * learner.loss_scale(ys.shape[-1]), s
 
         grads, s = grads_func(support_loss, theta, create_graph)
         r = m["rates"] or None
@@ -106,7 +106,7 @@ def recomputed_task(learner, params, rates, xs, ys, xq, yq, steps, weights):
     def query_fn(i, theta, m):
         _, query, _ = task_passes(model, m["model"], xs, xq, False, model, model, anil)
         logits, _ = query({**m["model"], **theta}, i)
-        return F.cross_entropy(logits, yq), logits
+        return F.cross_entropy(logits, yq) * learner.loss_scale(yq.shape[-1]), logits
 
     meta = {"model": params, "rates": rates or {}}
     theta0 = {n: params[n] for n in learner.adapted}

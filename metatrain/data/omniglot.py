@@ -214,9 +214,12 @@ class OmniglotConfig(DatasetConfig):
     std: list[float] = field(default_factory=lambda: [1.0])
     download: bool = True
     rotations: bool = True  # 90/180/270 degree rotations as new meta-training classes
-    # MAML++: each class of a meta-training task turned by a random multiple of 90
-    # degrees, drawn per task (not new classes; validation and test never rotated)
+    # Each class of a meta-training task turned by a random multiple of 90 degrees,
+    # drawn per task (not new classes): MAML's and MAML++'s code
     augment_rotation: bool = False
+    # The same for every validation and test task, the turns drawn with the task set
+    # from eval.seed: MAML's code (its data generator rotates every task it makes)
+    eval_rotation: bool = False
     resample: Resample = Resample.lanczos  # resizing the 105x105 drawings
     invert: bool = True  # ink 1 on background 0 (false: as stored, background 1)
     split_seed: int = 0

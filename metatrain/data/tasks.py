@@ -9,8 +9,11 @@ they are the same on every device, for every algorithm and run.
 With `rotate` (MAML++'s Omniglot augmentation), `sample` turns each class of a
 task by its own random multiple of 90 degrees, the same for all of that class's
 images in the task, drawn anew for every task. It is one gather through a
-precomputed pixel permutation, on device. Only `sample` rotates, which only
-meta-training calls: evaluation tasks (`FixedTasks`) are never rotated.
+precomputed pixel permutation, on device. Evaluation tasks (`FixedTasks`) are
+upright unless built with `rotate=True` (MAML's code turns validation and test
+tasks too): their quarter turns are then drawn once, with the task set, from the
+same seeded generator, after the classes and images, so a rotated task set has
+the classes and images of the upright one and stays fixed by eval.seed.
 """
 
 import torch
@@ -115,14 +118,24 @@ class EpisodeSampler:
 class FixedTasks:
     """A reproducible set of evaluation tasks, iterated in batches."""
 
-    def __init__(self, sampler: EpisodeSampler, n_tasks: int, seed: int):
+    def __init__(self, sampler: EpisodeSampler, n_tasks: int, seed: int, rotate: bool = False):
         self.sampler = sampler
         g = torch.Generator().manual_seed(seed)
         self.cls, self.ids = sampler.draw(n_tasks, g)
+        # (n_tasks, ways) quarter turns, one per class of each task, or None
+        self.rot = sampler.draw_rotations(n_tasks, g) if rotate else None
+        if rotate:
+            h, w = sampler.images.shape[-2:]
+            if h != w:
+                raise MetatrainError(
+                    f"dataset.eval_rotation needs square images, not {h}x{w}; switch it off"
+                )
 
     def __len__(self) -> int:
         return self.cls.shape[0]
 
     def batches(self, batch_size: int):
         for i in range(0, len(self), batch_size):
-            yield self.sampler.gather(self.cls[i : i + batch_size], self.ids[i : i + batch_size])
+            part = slice(i, i + batch_size)
+            rot = None if self.rot is None else self.rot[part]
+            yield self.sampler.gather(self.cls[part], self.ids[part], rot)
