@@ -51,7 +51,9 @@ class AlgorithmConfig:
     name: str = MISSING
     meta_batch: int = 32  # tasks per meta-iteration
     meta_lr: float = 1e-3
-    grad_clip: float = 0.0  # max meta-gradient norm; 0 turns clipping off
+    # Clamp each element of the network's meta-gradient to [-grad_clip, grad_clip]
+    # (not a norm; learned inner rates are not clamped); 0 turns clipping off.
+    grad_clip: float = 0.0
 
 
 @dataclass
@@ -74,6 +76,7 @@ class ModelConfig:
     name: str = MISSING
     bn_eval: BNEval = BNEval.transductive
     bn_momentum: float = 0.1
+    bn_eps: float = 1e-5  # added to the variance before dividing (TF's batch norm: 1e-3)
 
 
 @dataclass

@@ -7,6 +7,7 @@ nothing here stops a run.
 """
 
 from metatrain.config import ModelConfig
+from metatrain.models.conv4 import Conv4Config
 from metatrain.naming import bn_eval_mode
 
 
@@ -31,8 +32,14 @@ def _maml(cfg) -> list[str]:
     if a.msl and (a.train_steps == 1 or a.msl_epochs <= 0):
         why = "one inner step" if a.train_steps == 1 else "algorithm.msl_epochs=0"
         lines.append(f"algorithm.msl=true changes nothing with {why}: only the last step counts")
-    if a.ca and (a.min_lr == a.meta_lr or t.iterations <= 1):
-        why = "min_lr equal to meta_lr" if a.min_lr == a.meta_lr else "a single iteration"
+    per_epoch = a.ca_every.value == "epoch"
+    if a.ca and (a.min_lr == a.meta_lr or t.iterations <= 1 or (per_epoch and run_epochs <= 1)):
+        if a.min_lr == a.meta_lr:
+            why = "min_lr equal to meta_lr"
+        elif t.iterations <= 1:
+            why = "a single iteration"
+        else:
+            why = "a single epoch (the rate changes per epoch; algorithm.ca_every=iteration)"
         lines.append(f"algorithm.ca=true changes nothing with {why}")
     if a.bnrs and bn_eval_mode(cfg.model.bn_eval) != "running":
         lines.append(
@@ -92,8 +99,23 @@ def _evaluation(cfg) -> list[str]:
     return lines
 
 
+def _conv4(cfg) -> list[str]:
+    m = cfg.model
+    lines = []
+    if m.get("name") != "conv4":
+        return lines
+    if m.activation.value == "relu" and m.activation_slope != Conv4Config.activation_slope:
+        lines.append(
+            "model.activation_slope changes nothing with model.activation=relu "
+            "(set model.activation=leaky_relu)"
+        )
+    if m.pool_padding.value == "same" and m.downsample.value == "stride":
+        lines.append("model.pool_padding=same changes nothing with model.downsample=stride")
+    return lines
+
+
 def inert_settings(cfg) -> list[str]:
     """One line for each setting of `cfg` that is on but cannot change the run."""
     name = cfg.algorithm.name
     lines = _maml(cfg) if name == "maml" else _reptile(cfg) if name == "reptile" else []
-    return lines + _evaluation(cfg)
+    return lines + _conv4(cfg) + _evaluation(cfg)

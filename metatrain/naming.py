@@ -4,13 +4,21 @@
 are presets of one implementation), so it cannot tell them apart. The label
 here can: `maml`, `fomaml`, `mamlpp` or `reptile`, or, for any other set of
 MAML++ switches, the nearer preset and the switches that differ from it
-(`maml+msl+lslr`, `mamlpp-da`, `mamlpp+first_order`). BNRS counts only under
-`model.bn_eval=running`, the one mode where per-step running statistics are read.
+(`maml+msl+lslr`, `mamlpp+da`, `mamlpp-ca`, `mamlpp+first_order`). `mamlpp` is
+MAML++ as its authors' code and configs ran it (conf/algorithm/mamlpp.yaml and the
+mamlpp_* presets): msl, bnwb, lslr and, except on MiniImageNet, ca. BNRS counts
+only under `model.bn_eval=running`, the one mode where per-step running statistics
+are read.
 
 Plain Python, no torch: scripts/summarize.py imports it.
 """
 
 SWITCHES = ("msl", "da", "bnrs", "bnwb", "lslr", "ca")  # MAML++'s six fixes, paper order
+# The switches of MAML++ as its authors ran it: derivative-order annealing off (their
+# configs' first_order_to_second_order_epoch -1); on MiniImageNet a constant meta rate
+# (min_learning_rate = meta_learning_rate), so ca off there.
+MAMLPP = ("msl", "bnwb", "lslr", "ca")
+CONSTANT_META_RATE = ("miniimagenet",)
 # MAML switches published as methods of their own (ANIL, Meta-SGD): the label leads with them.
 VARIANTS = ("anil", "metasgd")
 
@@ -48,15 +56,23 @@ def algorithm_label(cfg) -> str:
     # evaluation (the published protocol) it changes nothing, so it does not count.
     switches = [s for s in SWITCHES if s != "bnrs" or bn_mode(cfg) == "running"]
     on = [s for s in switches if _get(algo, s, False)]
-    off = [s for s in switches if s not in on]
     first_order = bool(_get(algo, "first_order", False))
     variants = [v for v in VARIANTS if _get(algo, v, False)]
     if variants:
         return "+".join(variants) + "+first_order" * first_order + "".join(f"+{s}" for s in on)
+    dataset = _text(_get(_get(cfg, "dataset") or {}, "name", ""))
+    reference = [s for s in MAMLPP if not (s == "ca" and dataset in CONSTANT_META_RATE)]
+    missing = [s for s in switches if s in reference and s not in on]
+    extra = [s for s in on if s not in reference]
     # Name a set from the preset it is closer to, first order counting as one more
     # difference from MAML++ (ties go to MAML).
-    if len(off) + first_order < len(on):
-        return "mamlpp" + "".join(f"-{s}" for s in off) + "+first_order" * first_order
+    if len(missing) + len(extra) + first_order < len(on):
+        return (
+            "mamlpp"
+            + "".join(f"-{s}" for s in missing)
+            + "".join(f"+{s}" for s in extra)
+            + "+first_order" * first_order
+        )
     return ("fomaml" if first_order else "maml") + "".join(f"+{s}" for s in on)
 
 

@@ -29,12 +29,14 @@ NOISE = 1e-8
 SWEEPS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("ablation_*.yaml"))
 CPU = torch.device("cpu")
 # The cells' own settings at a fraction of the size: 4 filters, 16x16 inputs, two
-# tasks per meta-batch, a two-iteration run (so that cosine annealing moves).
+# tasks per meta-batch, a two-iteration run of one-iteration epochs (so that cosine
+# annealing, stepped per epoch, moves).
 TINY = [
     "model.filters=4",
     "dataset.image_size=16",
     "algorithm.meta_batch=2",
     "train.iterations=2",
+    "train.iters_per_epoch=1",
     "train.backend=loop",
     "device=cpu",
     "logger=none",

@@ -123,7 +123,10 @@ def test_compose_refusals(overrides, fragment):
         (["algorithm=reptile"], "reptile"),
         (["algorithm=maml", "ablation=add_lslr"], "maml+lslr"),
         (["algorithm=fomaml", "algorithm.lslr=true", "algorithm.msl=true"], "fomaml+msl+lslr"),
-        (["algorithm=mamlpp", "ablation=drop_da"], "mamlpp-da"),
+        (["algorithm=mamlpp", "ablation=add_da"], "mamlpp+da"),  # the paper's variant
+        (["algorithm=mamlpp", "ablation=drop_ca"], "mamlpp-ca"),
+        (["experiment=mamlpp_miniimagenet_5w1s"], "mamlpp"),  # constant meta rate, as run
+        (["experiment=mamlpp_miniimagenet_5w1s", "algorithm.ca=true"], "mamlpp+ca"),
         (["algorithm=mamlpp", "algorithm.first_order=true"], "mamlpp+first_order"),
     ],
 )

@@ -12,15 +12,15 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml
     "overrides, expected",
     [
         (["algorithm=fomaml", "algorithm.da=true"], "first_order=true is first order throughout"),
-        (["algorithm=mamlpp", "algorithm.da_epochs=0"], "da=true changes nothing"),
-        (["algorithm=mamlpp", "train.iterations=1000"], "covers all 2 epochs"),
+        (["algorithm=mamlpp", "algorithm.da=true", "algorithm.da_epochs=0"], "da=true changes"),
+        (["algorithm=mamlpp", "algorithm.da=true", "train.iterations=1000"], "covers all 2"),
         (["algorithm=maml", "algorithm.msl=true"], "msl=true changes nothing with one inner step"),
         (["algorithm=mamlpp", "algorithm.msl_epochs=0"], "msl=true changes nothing"),
         (["algorithm=mamlpp", "algorithm.min_lr=1e-3"], "ca=true changes nothing"),
-        (
-            ["algorithm=mamlpp", "algorithm.da=false", "train.iterations=1"],
-            "ca=true changes nothing with a single",
-        ),
+        (["algorithm=mamlpp", "train.iterations=1"], "ca=true changes nothing with a single"),
+        (["algorithm=mamlpp", "train.iterations=500"], "with a single epoch"),
+        (["model.activation_slope=0.1"], "activation_slope changes nothing"),
+        (["model.pool_padding=same", "model.downsample=stride"], "pool_padding=same changes"),
         (
             ["algorithm=maml", "algorithm.bnrs=true"],
             "bnrs=true changes nothing unless evaluation reads running",

@@ -207,19 +207,51 @@ def test_lslr_rates_are_the_step_sizes_used():
 # -- CA ---------------------------------------------------------------------
 
 
-def test_ca_follows_the_cosine_from_meta_lr_to_min_lr():
-    lrn = build(ca=True, meta_lr=1e-3, min_lr=1e-5, iterations=8, first_order=True)
+@pytest.mark.parametrize("every", ["iteration", "epoch"])
+def test_ca_follows_the_cosine_from_meta_lr_to_min_lr(every):
+    # 12 iterations of 3 per epoch: per epoch (the MAML++ authors' code, T_max = the
+    # run's 4 epochs) one rate for each epoch's 3 steps; per iteration T = 12.
+    lrn = build(
+        ca=True, ca_every=every, meta_lr=1e-3, min_lr=1e-5, iterations=12, iters_per_epoch=3,
+        first_order=True,
+    )  # fmt: skip
     batch = random_tasks(tasks=1)
-    seen = []
-    for it in range(8):
-        seen.append(lrn.optimizer.param_groups[0]["lr"])
+    used = []
+    for it in range(12):
         lrn.meta_step(batch, it)
-    seen.append(lrn.optimizer.param_groups[0]["lr"])
-    expected = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * k / 8)) / 2 for k in range(9)]
-    assert seen == pytest.approx(expected, rel=1e-9)
+        used.append(lrn.optimizer.param_groups[0]["lr"])  # the rate this step used
+    t, total = (list(range(12)), 12) if every == "iteration" else ([k // 3 for k in range(12)], 4)
+    expected = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * k / total)) / 2 for k in t]
+    assert used == pytest.approx(expected, rel=1e-12)
+    assert used[0] == 1e-3 and (every == "iteration" or used[2] == 1e-3)
     no_ca = build(meta_lr=1e-3, iterations=8, first_order=True)
     no_ca.meta_step(batch, 0)
     assert no_ca.optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_grad_clip_clamps_the_networks_gradients_not_the_learned_rates():
+    # MAML++'s meta_update clamps its classifier's gradients to +-10 and leaves the LSLR
+    # rates' alone: after a step from equal states, a clipped learner moved the rates
+    # as an unclipped one did, and the network differently.
+    batch = random_tasks(tasks=2)
+    runs = {}
+    for clip in (0.0, 1e-4):
+        lrn = build(lslr=True, grad_clip=clip, first_order=False)
+        lrn.optimizer.zero_grad(set_to_none=True)
+        lrn.meta_gradient(batch, 0)
+        rate_grads = [p.grad.clone() for p in lrn.net["rates"].parameters()]
+        model_grads = [p.grad.clone() for p in lrn.model.parameters()]
+        runs[clip] = (lrn, rate_grads, model_grads)
+        lrn.meta_step(batch, 0)
+    _, rates, grads = runs[0.0]
+    assert max(g.abs().max().item() for g in rates) > 1e-4  # clipping would bind on them
+    assert max(g.abs().max().item() for g in grads) > 1e-4
+    (plain, *_), (clipped, *_) = runs[0.0], runs[1e-4]
+    for a, b in zip(plain.net["rates"].parameters(), clipped.net["rates"].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(plain.model.parameters(), clipped.model.parameters())
+    )
 
 
 # -- ensemble ---------------------------------------------------------------

@@ -30,12 +30,30 @@ CITED = {
         "algorithm.eval_steps": 5, "dataset.queries": 1, "model.filters": 64,
         "model.downsample": "pool", "algorithm.min_lr": 1e-5, "algorithm.msl_epochs": 10,
         "train.iterations": 50000, "dataset.augment_rotation": True, "dataset.rotations": False,
-        "dataset.train_classes": 1150, "dataset.val_classes": 50, "eval.ensemble_top_k": 3,
+        "dataset.train_classes": 1150, "dataset.val_classes": 50, "eval.ensemble_top_k": 5,
         "eval.val_tasks": 600, "algorithm.grad_clip": 0.0,
+        # the authors' code: leaky ReLU 0.01, second order from epoch 0 (configs'
+        # first_order_to_second_order_epoch -1), cosine stepped per epoch (T_max = epochs)
+        "model.activation": "leaky_relu", "model.activation_slope": 0.01, "algorithm.da": False,
+        "algorithm.first_order": False, "algorithm.ca": True, "algorithm.ca_every": "epoch",
+        "algorithm.lslr": True, "algorithm.msl": True, "algorithm.bnwb": True,
+        "train.iters_per_epoch": 500, "model.bn_eps": 1e-5,
+    },
+    "mamlpp_omniglot_5w1s": {
+        "eval.ensemble_top_k": 5, "model.activation": "leaky_relu", "algorithm.da": False,
     },
     "mamlpp_miniimagenet_5w5s": {
-        "algorithm.meta_batch": 2, "algorithm.inner_lr": 0.01, "model.filters": 48,
+        "algorithm.meta_batch": 2, "model.filters": 48,
         "dataset.queries": 15, "algorithm.msl_epochs": 15, "algorithm.grad_clip": 10.0,
+        # LSLR starts at task_learning_rate (parser default 0.1; the configs' 0.01 is unread);
+        # min_learning_rate = meta_learning_rate: a constant meta rate
+        "algorithm.inner_lr": 0.1, "algorithm.ca": False, "algorithm.meta_lr": 1e-3,
+        "model.activation": "leaky_relu", "algorithm.da": False, "eval.ensemble_top_k": 5,
+        "model.pool_padding": "valid",
+    },
+    "mamlpp_miniimagenet_5w1s": {
+        "algorithm.inner_lr": 0.1, "algorithm.ca": False, "algorithm.grad_clip": 10.0,
+        "eval.ensemble_top_k": 5, "model.activation": "leaky_relu", "algorithm.da": False,
     },
     "reptile_omniglot_5w5s": {
         "algorithm.inner_batch": 10, "algorithm.inner_iters": 5, "algorithm.inner_lr": 1e-3,
@@ -47,17 +65,25 @@ CITED = {
         "algorithm.inner_state": "carry", "eval.test_from": "last",
         "dataset.resample": "nearest", "dataset.invert": False, "dataset.split_shuffle": "python",
         "dataset.train_classes": 1200, "dataset.val_classes": 0, "dataset.rotations": True,
+        "model.bn_eps": 1e-3,  # models.py: tf.layers.batch_normalization's default
+        "model.activation": "relu",
     },
     "reptile_transductive_omniglot_20w1s": {
         "algorithm.inner_batch": 20, "algorithm.inner_iters": 10, "algorithm.inner_lr": 5e-4,
         "algorithm.eval_batch": 10, "train.iterations": 200000, "model.bn_eval": "transductive",
         "algorithm.inner_state": "carry", "eval.test_from": "last", "dataset.val_classes": 0,
+        "model.bn_eps": 1e-3,
     },
     "reptile_miniimagenet_5w5s": {
         "algorithm.inner_iters": 8, "algorithm.train_shots": 15, "algorithm.eval_batch": 15,
         "model.filters": 32, "dataset.queries": 1, "model.bn_eval": "support_plus_query",
         "dataset.mean": [0.0, 0.0, 0.0], "dataset.std": [1.0, 1.0, 1.0],
         "algorithm.inner_state": "carry", "eval.test_from": "last",
+        # models.py: max_pooling2d(padding='same'), TF batch norm's eps
+        "model.pool_padding": "same", "model.bn_eps": 1e-3, "model.activation": "relu",
+    },
+    "reptile_transductive_miniimagenet_5w1s": {
+        "model.pool_padding": "same", "model.bn_eps": 1e-3, "model.filters": 32,
     },
 }  # fmt: skip
 
@@ -85,3 +111,28 @@ def test_each_algorithm_gets_its_authors_omniglot_network():
     # an experiment file or the command line still decides
     assert make_cfg("model.downsample=pool").model.downsample.value == "pool"
     assert make_cfg("experiment=ablation_maml_plus_one").model.downsample.value == "pool"
+    # MAML++'s leaky ReLU, Reptile's TF batch norm and 'same' pooling
+    assert make_cfg("algorithm=mamlpp").model.activation.value == "leaky_relu"
+    assert make_cfg("algorithm=mamlpp", "dataset=miniimagenet").model.activation.value == (
+        "leaky_relu"
+    )
+    assert make_cfg("experiment=ablation_maml_plus_one").model.activation.value == "leaky_relu"
+    assert make_cfg("algorithm=reptile").model.bn_eps == 1e-3
+    mini = make_cfg("algorithm=reptile", "dataset=miniimagenet").model
+    assert (mini.bn_eps, mini.pool_padding.value) == (1e-3, "same")
+    assert make_cfg("algorithm=maml").model.activation.value == "relu"
+    assert make_cfg("algorithm=maml", "dataset=miniimagenet").model.bn_eps == 1e-5
+
+
+def test_mamlpp_algorithm_is_the_authors_run_and_the_papers_da_one_override_away():
+    pp = make_cfg("algorithm=mamlpp").algorithm
+    assert (pp.da, pp.msl, pp.bnwb, pp.lslr, pp.ca, pp.bnrs) == (
+        False,
+        True,
+        True,
+        True,
+        True,
+        False,
+    )
+    paper = make_cfg("algorithm=mamlpp", "algorithm.da=true").algorithm
+    assert paper.da and paper.da_epochs == 50

@@ -143,6 +143,37 @@ def test_dropblock_drops_about_p_and_only_in_training():
     torch.testing.assert_close(model(model.params(), x)[0], model(model.params(), x)[0])
 
 
+@pytest.mark.parametrize("backend", ["loop", "vmap"])
+def test_dropblock_is_off_in_predict_and_on_in_meta_training(backend):
+    from metatrain.algorithms.reptile import Reptile
+    from metatrain.config import Backend
+    from tests.conftest import reptile_cfg
+
+    batch = random_tasks(tasks=2, shots=2, queries=3, size=16)
+    tc = train_cfg(backend=Backend(backend))
+    maml = Maml(
+        maml_cfg(inner_lr=0.1, train_steps=1, eval_steps=2), tiny(dropblock=0.5), tc, "batch", CPU
+    )
+    reptile = Reptile(
+        reptile_cfg(eval_iters=2, eval_batch=4), tiny(dropblock=0.5), tc, "batch", CPU
+    )
+    for lrn in (maml, reptile):
+        first = lrn.predict(batch)
+        torch.testing.assert_close(lrn.predict(batch), first, rtol=0, atol=0)
+        assert lrn.net.training  # predict gives the training mode back
+    # ... and the same logits as a network without DropBlock: nothing was dropped
+    plain = Maml(maml_cfg(inner_lr=0.1, train_steps=1, eval_steps=2), tiny(), tc, "batch", CPU)
+    torch.testing.assert_close(maml.predict(batch), plain.predict(batch), rtol=0, atol=0)
+
+    # Meta-training still drops: two meta-gradients from one state and batch differ.
+    def meta_grad():
+        maml.optimizer.zero_grad(set_to_none=True)
+        maml.meta_gradient(batch, 0, backend=backend)
+        return torch.cat([p.grad.flatten() for p in maml.model.parameters()])
+
+    assert not torch.equal(meta_grad(), meta_grad())
+
+
 def test_config_group_builds_it_with_per_step_batch_norm():
     cfg = make_cfg(
         "model=resnet12",

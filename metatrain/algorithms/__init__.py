@@ -5,6 +5,8 @@ metatrain.registry.LEARNERS under the name that conf/algorithm/*.yaml gives as
 `name`; build_learner looks it up.
 """
 
+import functools
+
 import torch
 from torch import nn
 
@@ -58,6 +60,23 @@ class MetaLearner:
 
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
+
+
+def eval_mode(predict):
+    """`predict` run with the learner's network in eval mode, its mode restored after:
+    what draws random numbers only in training (ResNet-12's DropBlock) stays off, so
+    a task set's logits are the same on every call."""
+
+    @functools.wraps(predict)
+    def wrapped(self, batch):
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return predict(self, batch)
+        finally:
+            self.net.train(was_training)
+
+    return wrapped
 
 
 def learner_class(name: str) -> type[MetaLearner]:

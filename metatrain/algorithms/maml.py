@@ -29,6 +29,7 @@ With train.inner_checkpoint, second-order meta-gradients are computed by
 recomputing each inner step during the backward sweep (recompute.py).
 """
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatrain.algorithms import MetaLearner
+from metatrain.algorithms import MetaLearner, eval_mode
 from metatrain.algorithms.anil import task_passes
 from metatrain.algorithms.inner import GRADS, SpeedOptions, pick_backend, task_pixels
 from metatrain.algorithms.maml_groups import run_tasks
@@ -56,6 +57,11 @@ class LossReduction(Enum):
     # MAML's TF code: the batch's summed cross-entropy divided by the shots, i.e. the
     # mean times ways on a support set and times ways*queries/shots on a query set
     sum_div_shots = "sum_div_shots"
+
+
+class CAEvery(Enum):
+    epoch = "epoch"  # one rate per epoch, T = the run's epochs (the MAML++ authors' code)
+    iteration = "iteration"  # a new rate every iteration, T = the run's iterations
 
 
 @dataclass
@@ -78,6 +84,7 @@ class MamlConfig(AlgorithmConfig):
     lslr: bool = False  # learned per-layer per-step inner learning rates
     ca: bool = False  # cosine annealing of the meta learning rate
     min_lr: float = 1e-5
+    ca_every: CAEvery = CAEvery.epoch
     anil: bool = False  # ANIL (Raghu et al. 2020): only the head adapts in the inner loop
     metasgd: bool = False  # Meta-SGD (Li et al. 2017): learned per-element inner rates
 
@@ -157,11 +164,6 @@ class Maml(MetaLearner):
         # One fused kernel for the whole update on a GPU; the for-each kernels elsewhere.
         fused = device.type == "cuda"
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.meta_lr, fused=fused)
-        self.scheduler = None
-        if cfg.ca:
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-                self.optimizer, T_max=max(train_cfg.iterations, 1), eta_min=cfg.min_lr
-            )
         # The model compiled for passes that are differentiated at most once (see _model).
         self._compiled = self.speed.compile_model(model)
 
@@ -169,6 +171,23 @@ class Maml(MetaLearner):
 
     def epoch(self, iteration: int) -> int:
         return iteration // self.train_cfg.iters_per_epoch
+
+    def meta_lr(self, iteration: int) -> float:
+        """The meta learning rate of meta-step `iteration`: algorithm.meta_lr, or under
+        ca the cosine from meta_lr (t = 0) towards min_lr (t = T), in epochs or
+        iterations (algorithm.ca_every). A function of the iteration alone, so a
+        resumed run continues on the same curve."""
+        c = self.cfg
+        if not c.ca:
+            return c.meta_lr
+        if c.ca_every == CAEvery.epoch:
+            t, total = (
+                self.epoch(iteration),
+                -(-self.train_cfg.iterations // self.train_cfg.iters_per_epoch),
+            )
+        else:
+            t, total = iteration, self.train_cfg.iterations
+        return c.min_lr + (c.meta_lr - c.min_lr) * (1 + math.cos(math.pi * t / max(total, 1))) / 2
 
     def second_order(self, iteration: int) -> bool:
         if self.cfg.first_order:
@@ -358,14 +377,17 @@ class Maml(MetaLearner):
         self.optimizer.zero_grad(set_to_none=True)
         loss, acc, stats = self.meta_gradient(batch, iteration)
         if self.cfg.grad_clip > 0:
-            # Element-wise clipping, as both published MAML implementations do.
-            torch.nn.utils.clip_grad_value_(self.net.parameters(), self.cfg.grad_clip)
+            # Element-wise, on the network's parameters only, as both published MAML
+            # implementations clip (MAML++'s meta_update clamps its classifier's
+            # gradients, not its learned inner rates').
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), self.cfg.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.meta_lr(iteration)
         self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
         self.model.update_running_stats(stats)
         return {"loss": loss, "acc": acc}
 
+    @eval_mode
     def predict(self, batch: TaskBatch) -> torch.Tensor:
         backend = self.backend_for(batch, 0, evaluation=True)
         steps = self.cfg.eval_steps
@@ -382,14 +404,9 @@ class Maml(MetaLearner):
     # -- checkpoints ----------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {
-            "net": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-        }
+        # The meta learning rate is a function of the iteration (meta_lr): no schedule state.
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])

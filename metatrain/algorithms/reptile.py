@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatrain.algorithms import MetaLearner, query_norm
+from metatrain.algorithms import MetaLearner, eval_mode, query_norm
 from metatrain.algorithms.inner import GRADS, adam_steps_, pick_backend
 from metatrain.config import AlgorithmConfig
 from metatrain.models import task_groups
@@ -316,6 +316,7 @@ class Reptile(MetaLearner):
         return {"loss": loss, "acc": acc}
 
     @torch.no_grad()
+    @eval_mode
     def predict(self, batch: TaskBatch) -> torch.Tensor:
         phi = {n: p.detach() for n, p in self.model.params().items()}
         # A fixed generator: the fine-tuning minibatches of a task set never vary.

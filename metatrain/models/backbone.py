@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metatrain.errors import MetatrainError
+
 HEAD = ("head.weight", "head.bias")
 
 
@@ -54,10 +56,15 @@ class Backbone(nn.Module):
         self.norm_names += [f"{name}.weight", f"{name}.bias"]
 
     def add_head(self, in_channels: int, image_size: int, ways: int) -> None:
-        """The linear head, sized by running the trunk (built first) on a probe batch."""
+        """The linear head, sized by running the trunk (built first) on a probe batch,
+        in eval mode: the probe draws no random numbers (DropBlock), so the initial
+        weights do not depend on training-only options."""
+        was_training = self.training
+        self.eval()
         with torch.no_grad():
             x = torch.zeros(2, in_channels, image_size, image_size)
             features = self.trunk(self.params(), x, 0, False)[0].shape[1]
+        self.train(was_training)
         head = torch.empty(ways, features)
         nn.init.xavier_uniform_(head)
         self.register_parameter("head.weight", nn.Parameter(head))
@@ -106,6 +113,8 @@ class Backbone(nn.Module):
         bn_stat_steps: int,
     ) -> "Backbone":  # fmt: skip
         """The backbone for model config `cfg` on this data and these MAML++ switches."""
+        if cfg.bn_eps <= 0:
+            raise MetatrainError(f"model.bn_eps={cfg.bn_eps} must be positive (1e-5 is PyTorch's)")
         return cls(
             in_channels=in_channels,
             ways=ways,
@@ -113,6 +122,7 @@ class Backbone(nn.Module):
             bn_weight_steps=bn_weight_steps,
             bn_stat_steps=bn_stat_steps,
             bn_momentum=cfg.bn_momentum,
+            bn_eps=cfg.bn_eps,
             **cls.options(cfg),
         )
 

@@ -1,7 +1,9 @@
 """The four-block convolutional backbone shared by MAML, Reptile and MAML++.
 
 Each block: conv3x3 (stride 1 then 2x2 max-pool, or stride 2 as in MAML's
-Omniglot net), batch norm, ReLU. The network is called functionally,
+Omniglot net), batch norm, ReLU or leaky ReLU (MAML++'s authors' code: slope 0.01).
+The pooling drops an odd edge row/column (PyTorch's floor) or, as TF's 'same'
+padding in Reptile's authors' code, pools it on its own. The network is called functionally,
 `model(params, x, step)`, with the parameters in a dict, so inner loops can
 run on adapted copies. Batch-norm affine parameters are (C,) or, with per-step
 weights (MAML++ BNWB), (steps, C); running statistics are (1, C) or, with
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metatrain.config import ModelConfig
+from metatrain.errors import MetatrainError
 from metatrain.models.backbone import Backbone, step_row
 from metatrain.models.norm import EPS, batch_stats, under_transform
 from metatrain.registry import BACKBONES
@@ -145,17 +148,33 @@ def _flip_needed(gamma: torch.Tensor) -> bool:
 
 
 def conv_block(
-    x, w, b, gamma, beta, mean=None, var=None, stride: int = 1, pool: bool = True, groups: int = 1
+    x,
+    w,
+    b,
+    gamma,
+    beta,
+    mean=None,
+    var=None,
+    stride: int = 1,
+    pool: bool = True,
+    groups: int = 1,
+    slope: float = 0.0,
+    eps: float = EPS,
+    ceil: bool = False,
 ):
-    """conv3x3 -> batch norm -> ReLU -> 2x2 max-pool (if `pool`): the value of
-    batch_norm() followed by F.relu and F.max_pool2d, with fewer full-size passes.
+    """conv3x3 -> batch norm (eps `eps`) -> ReLU, or leaky ReLU of negative-side slope
+    `slope` > 0 -> 2x2 max-pool (if `pool`; `ceil` pools an odd edge on its own, as
+    TF's 'same' padding): the value of batch_norm() followed by the activation and
+    F.max_pool2d, with fewer full-size passes.
 
     Batch norm is an increasing per-channel affine map where gamma >= 0, so it
     commutes with max-pooling; where gamma < 0 it is decreasing, and flipping the
     sign of that channel's filter (sign * conv(x) = conv(x, sign * w)) makes it
-    increasing again. ReLU commutes with max too. So the pooling runs first, on the
-    conv output, and the affine map and ReLU on a quarter of the elements. The
-    gradients agree wherever max-pooling's is defined (no ties in a window).
+    increasing again. ReLU and leaky ReLU (slope >= 0) are increasing and commute
+    with max too, over full windows and over ceil mode's partial edge windows alike.
+    So the pooling runs first, on the conv output, and the affine map and the
+    activation on a quarter of the elements. The gradients agree wherever
+    max-pooling's is defined (no ties in a window).
     Returns the output and the batch's (2, C) statistics of the unflipped conv.
     With `groups` > 1 (tasks stacked as channel groups, models/task_groups.py) every
     per-channel step above is already per task.
@@ -170,11 +189,12 @@ def conv_block(
     batch_mean, batch_var = batch_stats(y)
     if mean is None:
         mean, var = batch_mean, batch_var
-    scale = gamma * torch.rsqrt(var + EPS)  # (C,); > 0 where pooling follows
+    scale = gamma * torch.rsqrt(var + eps)  # (C,); > 0 where pooling follows
     shift = torch.addcmul(beta, mean, scale, value=-1)  # beta - mean * scale
     if pool:
-        y = F.max_pool2d(y, 2)  # (N, C, H/2, W/2)
-    out = torch.addcmul(shift.view(-1, 1, 1), y, scale.view(-1, 1, 1)).relu()
+        y = F.max_pool2d(y, 2, ceil_mode=ceil)  # (N, C, H/2, W/2), rounded down or up
+    out = torch.addcmul(shift.view(-1, 1, 1), y, scale.view(-1, 1, 1))
+    out = out.relu() if slope == 0.0 else F.leaky_relu(out, slope)
     if sign is not None:
         batch_mean = batch_mean * sign
     return out, torch.stack([batch_mean, batch_var]).detach()
@@ -185,11 +205,25 @@ class Downsample(Enum):
     stride = "stride"  # stride-2 convolutions (MAML's Omniglot network)
 
 
+class Activation(Enum):
+    relu = "relu"
+    leaky_relu = "leaky_relu"  # slope model.activation_slope below zero (MAML++'s code)
+
+
+class PoolPadding(Enum):
+    # TF's names. 84 -> 42 -> 21 -> 10 -> 5 (valid) or -> 11 -> 6 (same).
+    valid = "valid"  # an odd edge row/column is dropped (PyTorch's default)
+    same = "same"  # an odd edge row/column is pooled on its own (Reptile's TF code)
+
+
 @dataclass
 class Conv4Config(ModelConfig):
     name: str = "conv4"
     filters: int = 64
     downsample: Downsample = Downsample.pool
+    activation: Activation = Activation.relu
+    activation_slope: float = 0.01  # leaky_relu's slope for negative inputs; relu ignores it
+    pool_padding: PoolPadding = PoolPadding.valid  # read under downsample=pool only
 
 
 @BACKBONES.register("conv4", Conv4Config)
@@ -201,14 +235,24 @@ class Conv4(Backbone):
         image_size: int,
         filters: int = 64,
         downsample: str = "pool",
+        leaky_slope: float = 0.0,
+        pool_padding: str = "valid",
         bn_weight_steps: int = 0,
         bn_stat_steps: int = 1,
         bn_momentum: float = 0.1,
+        bn_eps: float = EPS,
     ):
-        """bn_weight_steps = 0 gives shared (C,) affine parameters; n > 0 gives (n, C)."""
+        """bn_weight_steps = 0 gives shared (C,) affine parameters; n > 0 gives (n, C).
+        leaky_slope = 0 is ReLU; s > 0 a leaky ReLU of slope s below zero."""
         super().__init__()
+        if leaky_slope < 0:
+            # A negative slope is not increasing: it would not commute with max-pooling.
+            raise MetatrainError(
+                f"model.activation_slope={leaky_slope} must be at least 0 (0 is ReLU)"
+            )
         self.downsample = downsample
-        self.bn_momentum = bn_momentum
+        self.leaky_slope, self.pool_ceil = float(leaky_slope), pool_padding == "same"
+        self.bn_momentum, self.bn_eps = bn_momentum, bn_eps
         c = in_channels
         for i in range(BLOCKS):
             w = torch.empty(filters, c, 3, 3)
@@ -221,14 +265,29 @@ class Conv4(Backbone):
 
     @classmethod
     def options(cls, cfg) -> dict:
-        return {"filters": cfg.filters, "downsample": cfg.downsample.value}
+        leaky = cfg.activation == Activation.leaky_relu
+        return {
+            "filters": cfg.filters,
+            "downsample": cfg.downsample.value,
+            "leaky_slope": cfg.activation_slope if leaky else 0.0,
+            "pool_padding": cfg.pool_padding.value,
+        }
+
+    def block_options(self) -> dict:
+        """conv_block's keyword arguments that every block of this network shares."""
+        return {
+            "stride": 2 if self.downsample == "stride" else 1,
+            "pool": self.downsample == "pool",
+            "slope": self.leaky_slope,
+            "eps": self.bn_eps,
+            "ceil": self.pool_ceil,
+        }
 
     def running_stats(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.buffer(f"bn{i}.running_mean"), self.buffer(f"bn{i}.running_var")
 
     def trunk(self, params, x, step: int, running: bool):
         stats = []
-        stride = 2 if self.downsample == "stride" else 1
         for i in range(BLOCKS):
             # per-step affine parameters and statistics: (steps, C) -> (C,)
             w, b = step_row(params[f"bn{i}.weight"], step), step_row(params[f"bn{i}.bias"], step)
@@ -244,8 +303,7 @@ class Conv4(Backbone):
                 b,
                 mean,
                 var,
-                stride,
-                self.downsample == "pool",
+                **self.block_options(),
             )
             stats.append(s)
         return x.flatten(1), torch.stack(stats)  # (N, features), (blocks, 2, C)

@@ -16,7 +16,7 @@ differentiates through it, and it carries a vmap rule for the batched backend.
 
 import torch
 
-EPS = 1e-5
+EPS = 1e-5  # PyTorch's batch-norm eps; model.bn_eps sets it (TF's default is 1e-3)
 
 
 def under_transform(t: torch.Tensor) -> bool:
@@ -75,6 +75,7 @@ def batch_norm(
     bias: torch.Tensor,
     mean: torch.Tensor | None = None,
     var: torch.Tensor | None = None,
+    eps: float = EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise x (N, C, H, W) per channel.
 
@@ -89,7 +90,7 @@ def batch_norm(
     batch_var = x.var(dim=(0, 2, 3), unbiased=False)
     if mean is None:
         mean, var = batch_mean, batch_var
-    scale = weight * torch.rsqrt(var + EPS)
+    scale = weight * torch.rsqrt(var + eps)
     shift = bias - mean * scale
     out = x * scale[None, :, None, None] + shift[None, :, None, None]
     return out, torch.stack([batch_mean, batch_var]).detach()

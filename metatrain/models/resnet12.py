@@ -40,13 +40,13 @@ class ResNet12Config(ModelConfig):
     dropblock_size: int = 5
 
 
-def norm(y, gamma, beta, mean=None, var=None):
+def norm(y, gamma, beta, mean=None, var=None, eps: float = EPS):
     """Batch norm of y (N, C, H, W) with the batch's statistics, or the given ones.
     Returns the output and the batch's (2, C) statistics, detached."""
     batch_mean, batch_var = batch_stats(y)
     if mean is None:
         mean, var = batch_mean, batch_var
-    scale = gamma * torch.rsqrt(var + EPS)  # (C,)
+    scale = gamma * torch.rsqrt(var + eps)  # (C,)
     shift = torch.addcmul(beta, mean, scale, value=-1)  # beta - mean * scale
     out = torch.addcmul(shift.view(-1, 1, 1), y, scale.view(-1, 1, 1))
     return out, torch.stack([batch_mean, batch_var]).detach()
@@ -79,11 +79,12 @@ class ResNet12(Backbone):
         bn_weight_steps: int = 0,
         bn_stat_steps: int = 1,
         bn_momentum: float = 0.1,
+        bn_eps: float = EPS,
     ):
         super().__init__()
         self.widths = [max(1, round(c * width)) for c in WIDTHS]
         self.dropblock, self.dropblock_size = dropblock, dropblock_size
-        self.bn_momentum = bn_momentum
+        self.bn_momentum, self.bn_eps = bn_momentum, bn_eps
         c = in_channels
         for s, out in enumerate(self.widths):
             for j, (cin, k) in enumerate([(c, 3), (out, 3), (out, 3), (c, 1)]):
@@ -114,7 +115,7 @@ class ResNet12(Backbone):
         if running:
             mean = step_row(self.buffer(f"{name}.bn.running_mean"), step)
             var = step_row(self.buffer(f"{name}.bn.running_var"), step)
-        return norm(y, gamma, beta, mean, var)
+        return norm(y, gamma, beta, mean, var, self.bn_eps)
 
     def trunk(self, params, x, step: int, running: bool):
         stats = []

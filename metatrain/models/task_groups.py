@@ -54,7 +54,6 @@ def forward(model: Conv4, params: dict, x: torch.Tensor, step: int = 0, running:
     value of model(params[t], x[t], step, running)."""
     tasks, n = x.shape[:2]
     h = to_groups(x)
-    stride = 2 if model.downsample == "stride" else 1
     stats = []
     for i in range(BLOCKS):
         w = params[f"conv{i}.weight"]  # (T, C_out, C_in, 3, 3)
@@ -73,9 +72,8 @@ def forward(model: Conv4, params: dict, x: torch.Tensor, step: int = 0, running:
             beta,
             mean,
             var,
-            stride,
-            model.downsample == "pool",
             groups=tasks,
+            **model.block_options(),
         )
         stats.append(s.view(2, tasks, c))
     # (N, T*C, h, w) -> (T, N, C*h*w): each task's features in Conv4's flatten order
