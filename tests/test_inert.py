@@ -32,7 +32,7 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml
         (["algorithm=reptile", "algorithm.meta_lr=0.1"], "unused by Reptile"),
         (["algorithm=reptile", "algorithm.grad_clip=10"], "grad_clip is unused"),
         (["eval.ensemble_top_k=3", "eval.test_from=last"], "ensemble_top_k=3 changes nothing"),
-        (["eval.ensemble_top_k=6"], "capped at 5"),
+        (["eval.ensemble_top_k=6", "eval.test_from=best"], "capped at 5"),
         (["model.bn_momentum=0.5"], "bn_momentum changes nothing"),
     ],
 )
