@@ -94,13 +94,14 @@ def test_batch_stats_derivatives_are_exact():
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_conv3x3_derivatives_are_exact(stride, input_grad):
+@pytest.mark.parametrize("padding", [(1, 1), (0, 1)])  # (0, ...): TF 'SAME' on even rows
+def test_conv3x3_derivatives_are_exact(stride, input_grad, padding):
     x = torch.randn(2, 2, 5, 5, dtype=torch.float64, requires_grad=input_grad)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
 
     def fn(*args):
-        return Conv3x3.apply(*args, stride)
+        return Conv3x3.apply(*args, stride, 1, padding)
 
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
@@ -294,10 +295,10 @@ def test_flop_count_includes_the_double_backward():
     conv = 2 * 2 * 4 * 3 * 9 * 6 * 6  # one 3x3 convolution of x, padding 1
 
     def forward():
-        Conv3x3.apply(x, w, None, 1)
+        Conv3x3.apply(x, w, None, 1, 1, (1, 1))
 
     def second_order():
-        y = Conv3x3.apply(x, w, None, 1)
+        y = Conv3x3.apply(x, w, None, 1, 1, (1, 1))
         (g,) = torch.autograd.grad((y * y).sum(), w, create_graph=True)
         (g * g).sum().backward()
 

@@ -86,6 +86,9 @@ class MamlConfig(AlgorithmConfig):
     min_lr: float = 1e-5
     ca_every: CAEvery = CAEvery.epoch
     anil: bool = False  # ANIL (Raghu et al. 2020): only the head adapts in the inner loop
+    # Batch-norm affine parameters adapt in the inner loop, or are meta-learned only
+    # (MAML's TF code keeps them outside its adapted weights; MAML++'s BNWB implies it)
+    adapt_bn: bool = True
     metasgd: bool = False  # Meta-SGD (Li et al. 2017): learned per-element inner rates
 
 
@@ -148,7 +151,7 @@ class Maml(MetaLearner):
             )
         params = model.params()
         # Per-step BN affine parameters are meta-learned only, never adapted (MAML++).
-        frozen = set(model.norm_names) if cfg.bnwb else set()
+        frozen = set(model.norm_names) if cfg.bnwb or not cfg.adapt_bn else set()
         if cfg.anil:
             self.adapted = list(model.head_names)
         else:

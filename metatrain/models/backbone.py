@@ -45,15 +45,21 @@ class Backbone(nn.Module):
     def buffer(self, name: str) -> torch.Tensor:
         return getattr(self, name.replace(".", "_"))
 
-    def add_norm(self, name: str, channels: int, weight_steps: int, stat_steps: int) -> None:
+    def add_norm(
+        self, name: str, channels: int, weight_steps: int, stat_steps: int, scale: bool = True
+    ) -> None:
         """Batch norm `name`: weight/bias (C,) or (weight_steps, C), and running
-        mean/var (stat_steps, C)."""
+        mean/var (stat_steps, C). Without `scale` the weight is a constant buffer of
+        ones (a shift-only norm), not a parameter."""
         shape = (weight_steps, channels) if weight_steps else (channels,)
-        self.register_parameter(f"{name}.weight", nn.Parameter(torch.ones(shape)))
+        if scale:
+            self.register_parameter(f"{name}.weight", nn.Parameter(torch.ones(shape)))
+        else:
+            self.register_buffer(f"{name}.weight", torch.ones(shape))
         self.register_parameter(f"{name}.bias", nn.Parameter(torch.zeros(shape)))
         self.register_buffer(f"{name}.running_mean", torch.zeros(stat_steps, channels))
         self.register_buffer(f"{name}.running_var", torch.ones(stat_steps, channels))
-        self.norm_names += [f"{name}.weight", f"{name}.bias"]
+        self.norm_names += [f"{name}.weight"] * scale + [f"{name}.bias"]
 
     def add_head(self, in_channels: int, image_size: int, ways: int) -> None:
         """The linear head, sized by running the trunk (built first) on a probe batch,

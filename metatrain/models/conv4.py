@@ -43,12 +43,13 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(-3, -1).contiguous().movedim(-1, -3)  # (..., H, W, C) in memory
 
 
-def _conv_backward(gy, x, w, stride: int, mask: list[bool], groups: int = 1):
-    """(grad x, grad w, grad b) of conv2d(x, w, b, stride, padding=1, groups=groups) for
+def _conv_backward(gy, x, w, stride: int, mask: list[bool], groups: int = 1, padding=(1, 1)):
+    """(grad x, grad w, grad b) of conv2d(x, w, b, stride, padding, groups=groups) for
     output grad gy, from the backend's own backward kernels; `mask` picks which are
     computed."""
+    pad = list(padding)  # (rows, columns)
     return torch.ops.aten.convolution_backward(
-        gy, x, w, [w.shape[0]], [stride, stride], [1, 1], [1, 1], False, [0, 0], groups, mask
+        gy, x, w, [w.shape[0]], [stride, stride], pad, [1, 1], False, [0, 0], groups, mask
     )
 
 
@@ -66,23 +67,21 @@ class Conv3x3(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, w, b, stride, groups=1):
-        return F.conv2d(x, w, b, stride, 1, 1, groups)
+    def forward(x, w, b, stride, groups, padding):
+        return F.conv2d(x, w, b, stride, padding, 1, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, _, stride, *groups = inputs
+        x, w, _, stride, groups, padding = inputs
         ctx.save_for_backward(x, w)
-        groups = groups[0] if groups else 1
-        ctx.stride, ctx.groups = stride, groups
+        ctx.stride, ctx.groups, ctx.padding = stride, groups, padding
 
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx, gw, gb = ConvGrad.apply(gy, x, w, ctx.stride, need_x, ctx.groups)
-        extra = [None] * (len(ctx.needs_input_grad) - 3)  # stride (and groups)
-        return gx, gw if need_w else None, gb if need_b else None, *extra
+        gx, gw, gb = ConvGrad.apply(gy, x, w, ctx.stride, need_x, ctx.groups, ctx.padding)
+        return gx, gw if need_w else None, gb if need_b else None, None, None, None
 
 
 class ConvGrad(torch.autograd.Function):
@@ -93,14 +92,14 @@ class ConvGrad(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(gy, x, w, stride, need_x, groups=1):
-        return _conv_backward(gy, x, w, stride, [need_x, True, True], groups)
+    def forward(gy, x, w, stride, need_x, groups, padding):
+        return _conv_backward(gy, x, w, stride, [need_x, True, True], groups, padding)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gy, x, w, stride, need_x, groups = inputs
+        gy, x, w, stride, need_x, groups, padding = inputs
         ctx.save_for_backward(gy, x, w)
-        ctx.stride, ctx.need_x, ctx.groups = stride, need_x, groups
+        ctx.stride, ctx.need_x, ctx.groups, ctx.padding = stride, need_x, groups, padding
 
     @staticmethod
     def backward(ctx, ggx, ggw, ggb):
@@ -110,31 +109,43 @@ class ConvGrad(torch.autograd.Function):
         #   d/dx  = backward-data of a conv with weight ggw, at gy
         #   d/dw  = backward-weights of a conv with input ggx, at gy
         gy, x, w = ctx.saved_tensors
-        s, g = ctx.stride, ctx.groups
+        s, g, p = ctx.stride, ctx.groups, ctx.padding
         use_gx = ctx.need_x and ggx is not None
-        d_gy = F.conv2d(x, ggw, ggb, s, 1, 1, g)
+        d_gy = F.conv2d(x, ggw, ggb, s, p, 1, g)
         if use_gx:
-            d_gy = d_gy + F.conv2d(ggx, w, None, s, 1, 1, g)
+            d_gy = d_gy + F.conv2d(ggx, w, None, s, p, 1, g)
         d_x = d_w = None
         if ctx.needs_input_grad[1]:
-            d_x = _conv_backward(gy, x, ggw, s, [True, False, False], g)[0]
+            d_x = _conv_backward(gy, x, ggw, s, [True, False, False], g, p)[0]
         if ctx.needs_input_grad[2] and use_gx:
-            d_w = _conv_backward(gy, ggx, w, s, [False, True, False], g)[1]
-        return d_gy, d_x, d_w, None, None, None
+            d_w = _conv_backward(gy, ggx, w, s, [False, True, False], g, p)[1]
+        return d_gy, d_x, d_w, None, None, None, None
 
 
-def conv3x3(x, w, b, stride: int = 1, groups: int = 1):
+def conv3x3(x, w, b, stride: int = 1, groups: int = 1, same: bool = False):
     """conv2d(x, w, b, stride, padding=1, groups=groups): Conv3x3, except under torch.func transforms
     (vmap runs convolution_backward of batched weights 3x slower than its own
     batched conv rules; measured), under autocast (whose casts it would repeat) and
-    in torch.compile'd code (which derives its own backward, for first order only)."""
+    in torch.compile'd code (which derives its own backward, for first order only).
+
+    `same` pads as TensorFlow's 'SAME': where a stride-2 convolution meets an even
+    size, TF pads one row and column at the bottom and right only, so the windows
+    start at 0, 2, 4, ... (PyTorch's symmetric padding starts them at -1, 1, ...);
+    everywhere else the two paddings agree."""
+    padding = (1, 1)  # (rows, columns)
+    if same and stride == 2:
+        even_h, even_w = x.shape[-2] % 2 == 0, x.shape[-1] % 2 == 0
+        if even_h or even_w:
+            # (..., H+1, W+1) where even: the bottom/right zeros of 'SAME', no top/left
+            x = F.pad(x, (0, int(even_w), 0, int(even_h)))
+            padding = (1 - int(even_h), 1 - int(even_w))
     if (
         torch.compiler.is_compiling()
         or torch.is_autocast_enabled(x.device.type)
         or under_transform(w)
     ):
-        return F.conv2d(x, w, b, stride, 1, 1, groups)
-    return Conv3x3.apply(x, w, b, stride, groups)
+        return F.conv2d(x, w, b, stride, padding, 1, groups)
+    return Conv3x3.apply(x, w, b, stride, groups, padding)
 
 
 def _flip_needed(gamma: torch.Tensor) -> bool:
@@ -161,6 +172,7 @@ def conv_block(
     slope: float = 0.0,
     eps: float = EPS,
     ceil: bool = False,
+    same: bool = False,
 ):
     """conv3x3 -> batch norm (eps `eps`) -> ReLU, or leaky ReLU of negative-side slope
     `slope` > 0 -> 2x2 max-pool (if `pool`; `ceil` pools an odd edge on its own, as
@@ -185,7 +197,7 @@ def conv_block(
         w, b, gamma = w * sign.view(-1, 1, 1, 1), b * sign, gamma * sign
         if mean is not None:
             mean = mean * sign
-    y = conv3x3(x, w, b, stride, groups)  # (N, C, H, W), times sign if flipped
+    y = conv3x3(x, w, b, stride, groups, same)  # (N, C, H, W), times sign if flipped
     batch_mean, batch_var = batch_stats(y)
     if mean is None:
         mean, var = batch_mean, batch_var
@@ -210,6 +222,21 @@ class Activation(Enum):
     leaky_relu = "leaky_relu"  # slope model.activation_slope below zero (MAML++'s code)
 
 
+class ConvPadding(Enum):
+    symmetric = "symmetric"  # one zero row/column on every side (PyTorch's padding=1)
+    same = "same"  # TF's 'SAME': stride-2 convolutions on even sizes pad bottom/right only
+
+
+class HeadInput(Enum):
+    flatten = "flatten"  # the last feature map flattened (C * h * w features)
+    mean = "mean"  # its spatial mean, C features (MAML's Omniglot network)
+
+
+class HeadInit(Enum):
+    xavier = "xavier"  # Glorot uniform
+    normal = "normal"  # standard normal entries (MAML's Omniglot head, tf.random_normal)
+
+
 class PoolPadding(Enum):
     # TF's names. 84 -> 42 -> 21 -> 10 -> 5 (valid) or -> 11 -> 6 (same).
     valid = "valid"  # an odd edge row/column is dropped (PyTorch's default)
@@ -224,6 +251,12 @@ class Conv4Config(ModelConfig):
     activation: Activation = Activation.relu
     activation_slope: float = 0.01  # leaky_relu's slope for negative inputs; relu ignores it
     pool_padding: PoolPadding = PoolPadding.valid  # read under downsample=pool only
+    conv_padding: ConvPadding = ConvPadding.symmetric  # differs only for stride-2 convs
+    # Batch norm with a learned scale gamma, or shift only (TF's tf.contrib batch_norm
+    # default, MAML's code): then gamma is the constant 1
+    bn_scale: bool = True
+    head_input: HeadInput = HeadInput.flatten
+    head_init: HeadInit = HeadInit.xavier
 
 
 @BACKBONES.register("conv4", Conv4Config)
@@ -237,6 +270,10 @@ class Conv4(Backbone):
         downsample: str = "pool",
         leaky_slope: float = 0.0,
         pool_padding: str = "valid",
+        conv_padding: str = "symmetric",
+        bn_scale: bool = True,
+        head_input: str = "flatten",
+        head_init: str = "xavier",
         bn_weight_steps: int = 0,
         bn_stat_steps: int = 1,
         bn_momentum: float = 0.1,
@@ -253,15 +290,19 @@ class Conv4(Backbone):
         self.downsample = downsample
         self.leaky_slope, self.pool_ceil = float(leaky_slope), pool_padding == "same"
         self.bn_momentum, self.bn_eps = bn_momentum, bn_eps
+        self.conv_same, self.head_mean = conv_padding == "same", head_input == "mean"
         c = in_channels
         for i in range(BLOCKS):
             w = torch.empty(filters, c, 3, 3)
             nn.init.xavier_uniform_(w)
             self.register_parameter(f"conv{i}.weight", nn.Parameter(w))
             self.register_parameter(f"conv{i}.bias", nn.Parameter(torch.zeros(filters)))
-            self.add_norm(f"bn{i}", filters, bn_weight_steps, bn_stat_steps)
+            self.add_norm(f"bn{i}", filters, bn_weight_steps, bn_stat_steps, bn_scale)
             c = filters
         self.add_head(in_channels, image_size, ways)
+        if head_init == "normal":
+            with torch.no_grad():
+                self.params()["head.weight"].normal_()
 
     @classmethod
     def options(cls, cfg) -> dict:
@@ -271,6 +312,10 @@ class Conv4(Backbone):
             "downsample": cfg.downsample.value,
             "leaky_slope": cfg.activation_slope if leaky else 0.0,
             "pool_padding": cfg.pool_padding.value,
+            "conv_padding": cfg.conv_padding.value,
+            "bn_scale": cfg.bn_scale,
+            "head_input": cfg.head_input.value,
+            "head_init": cfg.head_init.value,
         }
 
     def block_options(self) -> dict:
@@ -281,7 +326,13 @@ class Conv4(Backbone):
             "slope": self.leaky_slope,
             "eps": self.bn_eps,
             "ceil": self.pool_ceil,
+            "same": self.conv_same,
         }
+
+    def gamma(self, params: dict, i: int) -> torch.Tensor:
+        """Block i's batch-norm scale: learned, or the constant ones of a shift-only norm."""
+        name = f"bn{i}.weight"
+        return params[name] if name in params else self.buffer(name)
 
     def running_stats(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.buffer(f"bn{i}.running_mean"), self.buffer(f"bn{i}.running_var")
@@ -290,7 +341,7 @@ class Conv4(Backbone):
         stats = []
         for i in range(BLOCKS):
             # per-step affine parameters and statistics: (steps, C) -> (C,)
-            w, b = step_row(params[f"bn{i}.weight"], step), step_row(params[f"bn{i}.bias"], step)
+            w, b = step_row(self.gamma(params, i), step), step_row(params[f"bn{i}.bias"], step)
             mean = var = None
             if running:
                 rm, rv = self.running_stats(i)
@@ -306,7 +357,8 @@ class Conv4(Backbone):
                 **self.block_options(),
             )
             stats.append(s)
-        return x.flatten(1), torch.stack(stats)  # (N, features), (blocks, 2, C)
+        h = x.mean((2, 3)) if self.head_mean else x.flatten(1)  # (N, features)
+        return h, torch.stack(stats)  # (N, features), (blocks, 2, C)
 
     @torch.no_grad()
     def update_running_stats(self, stats: torch.Tensor) -> None:

@@ -58,7 +58,10 @@ def forward(model: Conv4, params: dict, x: torch.Tensor, step: int = 0, running:
     for i in range(BLOCKS):
         w = params[f"conv{i}.weight"]  # (T, C_out, C_in, 3, 3)
         c = w.shape[1]
-        gamma = _row(params[f"bn{i}.weight"], step, 3).reshape(tasks * c)
+        if f"bn{i}.weight" in params:
+            gamma = _row(params[f"bn{i}.weight"], step, 3).reshape(tasks * c)
+        else:  # a shift-only norm's constant ones, shared by every task: (C,) -> (T*C,)
+            gamma = _row(model.gamma(params, i), step, 2).repeat(tasks)
         beta = _row(params[f"bn{i}.bias"], step, 3).reshape(tasks * c)
         mean = var = None
         if running:  # shared by every task: (C,) -> (T*C,)
@@ -76,9 +79,11 @@ def forward(model: Conv4, params: dict, x: torch.Tensor, step: int = 0, running:
             **model.block_options(),
         )
         stats.append(s.view(2, tasks, c))
-    # (N, T*C, h, w) -> (T, N, C*h*w): each task's features in Conv4's flatten order
-    _, _, hh, ww = h.shape
-    feats = h.reshape(n, tasks, c, hh, ww).transpose(0, 1).reshape(tasks, n, c * hh * ww)
+    if model.head_mean:  # (N, T*C) -> (T, N, C): each task's channel means
+        feats = h.mean((2, 3)).reshape(n, tasks, c).transpose(0, 1)
+    else:  # (N, T*C, h, w) -> (T, N, C*h*w): each task's features in Conv4's flatten order
+        _, _, hh, ww = h.shape
+        feats = h.reshape(n, tasks, c, hh, ww).transpose(0, 1).reshape(tasks, n, c * hh * ww)
     head_w, head_b = params["head.weight"], params["head.bias"]  # (T, ways, F), (T, ways)
     logits = torch.baddbmm(head_b.unsqueeze(1), feats, head_w.transpose(1, 2))
     return logits, torch.stack(stats).permute(2, 0, 1, 3)  # (T, N, ways), (T, blocks, 2, C)
