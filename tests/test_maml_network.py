@@ -12,9 +12,13 @@ from metatrain.models.conv4 import Conv4
 from tests.conftest import maml_cfg, random_tasks, train_cfg
 
 CPU = torch.device("cpu")
-OPTIONS = dict(
-    downsample="stride", conv_padding="same", bn_scale=False, head_input="mean", bn_eps=1e-3
-)
+OPTIONS = {
+    "downsample": "stride",
+    "conv_padding": "same",
+    "bn_scale": False,
+    "head_input": "mean",
+    "bn_eps": 1e-3,
+}
 
 
 def net(ways=3, size=16, **kw):

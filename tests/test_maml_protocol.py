@@ -149,8 +149,12 @@ def test_maml_presets_are_the_authors_protocol():
             cfg = make_cfg(f"experiment={algo}_{row}")
             d = cfg.dataset
             assert cfg.eval.test_from.value == "last"  # main.py: test_iter -1
-            # the authors' summed loss waits for their backbone (docs/presets.md)
-            assert cfg.algorithm.loss_reduction.value == "mean"
+            # their summed loss on their network (docs/presets.md)
+            assert cfg.algorithm.loss_reduction.value == "sum_div_shots"
+            assert not cfg.algorithm.adapt_bn and not cfg.model.bn_scale
+            assert cfg.model.bn_eps == 1e-3 and cfg.dataset.resample.value == "nearest"
+            assert (cfg.model.conv_padding.value, cfg.model.head_input.value) == ("same", "mean")
+            assert cfg.model.head_init.value == "normal"
             assert (d.rotations, d.augment_rotation, d.eval_rotation) == (False, True, True)
             assert d.queries == d.shots  # DataGenerator(update_batch_size * 2)
         for shots in (1, 5):
@@ -158,11 +162,15 @@ def test_maml_presets_are_the_authors_protocol():
             assert cfg.eval.test_from.value == "last"
             assert (cfg.dataset.queries, cfg.eval.queries) == (15, shots)
             assert list(cfg.dataset.mean) == [0.0] * 3 and list(cfg.dataset.std) == [1.0] * 3
+            assert cfg.algorithm.loss_reduction.value == "sum_div_shots"
+            assert not cfg.algorithm.adapt_bn and not cfg.model.bn_scale
+            assert cfg.model.conv_padding.value == "symmetric"  # stride 1: 'SAME' is symmetric
     # the paper's text, one override away, and MAML++ keeps its own protocol
     paper = make_cfg("experiment=maml_omniglot_5w1s", "dataset.rotations=true",
                      "dataset.augment_rotation=false", "dataset.eval_rotation=false")  # fmt: skip
     assert paper.dataset.rotations and not paper.dataset.eval_rotation
     pp = make_cfg("experiment=mamlpp_omniglot_5w1s")
     assert not pp.dataset.eval_rotation and pp.algorithm.loss_reduction.value == "mean"
-    abl = make_cfg("experiment=ablation_maml_plus_one")
+    abl = make_cfg("experiment=ablation_maml_plus_one")  # MAML on MAML++'s network and data
     assert not abl.dataset.eval_rotation and abl.algorithm.loss_reduction.value == "mean"
+    assert abl.algorithm.adapt_bn and abl.model.bn_scale and abl.eval.test_from.value == "best"

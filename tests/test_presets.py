@@ -121,7 +121,11 @@ def test_each_algorithm_gets_its_authors_omniglot_network():
     mini = make_cfg("algorithm=reptile", "dataset=miniimagenet").model
     assert (mini.bn_eps, mini.pool_padding.value) == (1e-3, "same")
     assert make_cfg("algorithm=maml").model.activation.value == "relu"
-    assert make_cfg("algorithm=maml", "dataset=miniimagenet").model.bn_eps == 1e-5
+    # MAML's TF batch norm (cbfinn/maml utils.py: tf.contrib batch_norm's defaults)
+    for dataset in ("omniglot", "miniimagenet"):
+        m = make_cfg("algorithm=maml", f"dataset={dataset}").model
+        assert (m.bn_eps, m.bn_scale) == (1e-3, False)
+    assert make_cfg("algorithm=mamlpp", "dataset=miniimagenet").model.bn_eps == 1e-5
 
 
 def test_mamlpp_algorithm_is_the_authors_run_and_the_papers_da_one_override_away():
