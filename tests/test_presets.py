@@ -66,7 +66,7 @@ CITED = {
         "dataset.resample": "nearest", "dataset.invert": False, "dataset.split_shuffle": "python",
         "dataset.train_classes": 1200, "dataset.val_classes": 0, "dataset.rotations": True,
         "model.bn_eps": 1e-3,  # models.py: tf.layers.batch_normalization's default
-        "model.activation": "relu",
+        "model.activation": "relu", "model.conv_padding": "same", "model.bn_scale": True,
     },
     "reptile_transductive_omniglot_20w1s": {
         "algorithm.inner_batch": 20, "algorithm.inner_iters": 10, "algorithm.inner_lr": 5e-4,
