@@ -53,14 +53,23 @@ def _find_sources(root: Path) -> dict[str, Path] | None:
 
 def _download(root: Path) -> None:
     target = root / "omniglot-py"
+    made = [p for p in (target, *target.parents) if not p.exists()]  # deepest first
     target.mkdir(parents=True, exist_ok=True)
-    for part, url in URLS.items():
-        data = urllib.request.urlopen(url, timeout=60).read()
-        if hashlib.md5(data).hexdigest() != OFFICIAL_MD5[part]:
-            raise MetatrainError(
-                f"downloaded {url} has the wrong md5; fetch it by hand into {target}"
-            )
-        (target / f"{part}.zip").write_bytes(data)
+    try:
+        for part, url in URLS.items():
+            data = urllib.request.urlopen(url, timeout=60).read()
+            if hashlib.md5(data).hexdigest() != OFFICIAL_MD5[part]:
+                raise MetatrainError(
+                    f"downloaded {url} has the wrong md5; fetch it by hand into {target}"
+                )
+            (target / f"{part}.zip").write_bytes(data)
+    except BaseException:
+        for folder in made:  # a failed download leaves no empty folders behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def _drawings(source: Path):
@@ -84,11 +93,23 @@ def _decode(png: bytes, size: int) -> np.ndarray:
     return 255 - np.asarray(img, dtype=np.uint8)  # ink bright, background 0
 
 
+def _count(source: Path) -> int:
+    if source.is_dir():
+        return sum(1 for _ in source.glob("*/*/*.png"))
+    with zipfile.ZipFile(source) as zf:
+        return sum(n.endswith(".png") for n in zf.namelist())
+
+
 def _build(sources: dict[str, Path], size: int) -> tuple[torch.Tensor, list[str]]:
+    from metatrain.logging import activity  # the console; not needed to read a cache
+
     by_char: dict[str, list[np.ndarray]] = {}
-    for part in PARTS:
-        for key, png in _drawings(sources[part]):
-            by_char.setdefault(f"{part}/{key}", []).append(_decode(png, size))
+    total = sum(_count(sources[part]) for part in PARTS)
+    with activity(f"caching Omniglot at {size}x{size} (once)", total, "drawings") as step:
+        for part in PARTS:
+            for key, png in _drawings(sources[part]):
+                by_char.setdefault(f"{part}/{key}", []).append(_decode(png, size))
+                step()
     names = sorted(by_char)
     short = [n for n in names if len(by_char[n]) != DRAWINGS_PER_CHARACTER]
     if short or not names:
