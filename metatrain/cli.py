@@ -57,14 +57,9 @@ def _fail(message: str) -> None:
 
 def _to_log(line: str) -> None:
     """Append a line to the run's log (cli.log) when one is open."""
-    logging = sys.modules.get("metatrain.logging")
-    log = getattr(getattr(logging, "console", None), "log_console", None)
-    if log is not None:
-        try:
-            log.print(line, markup=False, highlight=False)
-            log.file.flush()
-        except (OSError, ValueError):
-            pass
+    from metatrain.logging import console
+
+    console.log_only(line, markup=False, highlight=False)
 
 
 # The first folder of a single run's output path that did not exist before it: what

@@ -44,13 +44,19 @@ class TeeConsole(Console):
 
     def print(self, *objects, **kwargs) -> None:
         super().print(*objects, **kwargs)
+        if not all(isinstance(o, Control) for o in objects):  # a live display's redraw
+            self.log_only(*objects, **kwargs)
+
+    def log_only(self, *objects, **kwargs) -> None:
+        """Write to the log file alone (a line already printed some other way)."""
         log = self.log_console
-        if log is not None and not all(isinstance(o, Control) for o in objects):
-            try:
-                log.print(*objects, **kwargs)
-                log.file.flush()
-            except (OSError, ValueError):  # a full disk must not stop the run's console
-                pass
+        if log is None:
+            return
+        try:
+            log.print(*objects, **kwargs)
+            log.file.flush()
+        except (OSError, ValueError):  # a full disk must not stop the run's console
+            pass
 
     def print_exception(self, **kwargs) -> None:
         super().print_exception(**kwargs)

@@ -3,11 +3,12 @@
 torch starts one intra-op thread per core. On a machine shared with other work that
 is the worst choice: each operator waits at a barrier for its slowest thread, and a
 thread that has to share its core with another process stalls every operator. On
-this project's 2-core machine, MAML quickstart (measured with scripts/threads.py):
+this project's 2-core machine, MAML quickstart meta-iterations per second
+(scripts/threads.py; the machine already carried a load of 7.6 to 10 from others):
 
-    threads   load 0     load 2     load 4      (it/s, load = busy loops of others)
-    1         see README "Threads" for the table this rule was drawn from
-    2
+    busy loops added    0            2       4
+    1 thread            0.54, 0.30   0.15    0.11
+    2 threads           0.04, 0.02   0.01    0.01
 
 so `auto` uses only the CPUs that other processes leave idle, never fewer than one:
 the CPUs this process may run on (os.sched_getaffinity: taskset, cgroups), at most

@@ -12,6 +12,7 @@ the machine), and a table. The numbers behind metatrain/threads.py's rule.
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="thread counts alternate this often")
     args, overrides = p.parse_known_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the busy loops too
     learner, sampler, meta_batch = learner_and_sampler(overrides)
     table: dict[tuple[int, int], list[float]] = {}
     for load in (int(x) for x in args.loads.split(",")):
