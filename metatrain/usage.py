@@ -72,8 +72,10 @@ def _first_values(parsed) -> list[str]:
 
 
 # Groups whose options are switches that compose (each sets keys of its own): given
-# more than once, the choices are combined into one list. Any other key or group given
-# twice is refused: Hydra would keep the last value and drop the others in silence.
+# more than once, the choices are combined into one list. Any other group given twice
+# is refused: Hydra would keep the last choice and drop the others in silence. A plain
+# key given twice keeps its last value, the usual "later overrides win" of a command
+# line (base arguments, then a change), which scripts and tests rely on.
 COMBINABLE = ("ablation",)
 
 
@@ -83,6 +85,7 @@ def combine_repeats(conf_dir: str, overrides: list[str]) -> list[str]:
     the place of its first mention; MetatrainError for any other repeat, or for
     combined options that set the same key to different values."""
     parsed = _parse(overrides)
+    group_names = groups(conf_dir)
     seen: dict[str, list] = {}
     for o in parsed:
         seen.setdefault(o.get_key_element().lstrip("+~"), []).append(o)
@@ -90,13 +93,13 @@ def combine_repeats(conf_dir: str, overrides: list[str]) -> list[str]:
     for o in parsed:
         key = o.get_key_element().lstrip("+~")
         mentions = seen[key]
-        if len(mentions) == 1:
+        if len(mentions) == 1 or (key not in group_names and "/" not in key):
             out.append(o.input_line)
             continue
         values = ", ".join(m.input_line.split("=", 1)[-1] for m in mentions)
         if key not in COMBINABLE or any(m.is_sweep_override() for m in mentions):
             raise MetatrainError(
-                f"{key} is given {len(mentions)} times ({values}); a run takes one value, "
+                f"{key} is given {len(mentions)} times ({values}); a run takes one {key}, "
                 f"Hydra would keep the last in silence: keep one (several runs: -m {key}=a,b)"
             )
         if o is not mentions[0]:

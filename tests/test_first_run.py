@@ -67,7 +67,6 @@ def test_a_repeated_ablation_combines_into_one_list():
     "given, fragment",
     [
         (["algorithm=maml", "algorithm=reptile"], "algorithm is given 2 times (maml, reptile)"),
-        (["train.iterations=5", "train.iterations=10"], "train.iterations is given 2 times"),
         (["experiment=quickstart", "experiment=maml_omniglot_5w1s"], "keep one"),
         (["ablation=add_msl", "ablation=drop_msl"], "both set algorithm.msl (True and False)"),
     ],
@@ -76,6 +75,12 @@ def test_other_repeats_are_refused_with_one_line(given, fragment):
     with pytest.raises(MetatrainError, match=r"^[^\n]*$") as e:
         usage.combine_repeats(CONF_DIR, given)
     assert fragment in str(e.value)
+
+
+def test_a_repeated_plain_key_keeps_its_last_value():
+    given = ["train.iterations=5", "train.iterations=10"]
+    assert usage.combine_repeats(CONF_DIR, given) == given
+    assert make_cfg(*given).train.iterations == 10
 
 
 def test_the_command_line_combines_before_hydra_reads_it():
