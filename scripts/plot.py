@@ -186,8 +186,8 @@ def plot_bars(configs: list[dict], shared: str, path: Path):
     for x, (c, _) in zip(xs, rows, strict=True):
         ways = (c["runs"][0]["cfg"].get("dataset") or {}).get("ways")
         if ways:
-            ax.hlines(100 / ways, x - 0.4, x + 0.4, color="grey", linestyle=":", linewidth=1,
-                      label="chance (1 / ways)")  # fmt: skip
+            ax.hlines(100 / ways, x - 0.4, x + 0.4, color="black", linestyle=":", linewidth=1,
+                      zorder=4, label="chance (1 / ways)")  # fmt: skip
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))  # one legend entry per kind
     ax.legend(
