@@ -29,8 +29,9 @@ format: install ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix metatrain tests scripts
 	$(VENV)/bin/ruff format metatrain tests scripts
 
-train: install ## meta-train with the defaults (MAML, Omniglot 5-way 1-shot); ARGS="..." adds overrides
-	$(VENV)/bin/metatrain $(ARGS)
+EXPERIMENT ?= quickstart
+train: install ## meta-train a preset: quickstart (minutes on a laptop CPU) unless EXPERIMENT=<name> (a published row, e.g. maml_omniglot_5w1s); ARGS="..." adds overrides
+	$(VENV)/bin/metatrain experiment=$(EXPERIMENT) $(ARGS)
 
 .PHONY: bench
 bench: install ## metatrain vs a naive loop (and the MAML++ authors' code: AUTHORS_DIR=checkout) in one run -> bench.json + table; ARGS="--threads 2 ..."
@@ -68,25 +69,25 @@ smoke: install ## run every experiment preset for two iterations (outputs/multir
 
 repro-omniglot: install ## every Omniglot row of the published tables, SEEDS seeds each; then the table
 	$(METATRAIN) -m 'experiment=glob(*_omniglot_*)' seed=$(SEEDS) sweep_name=repro-omniglot $(ARGS)
-	$(PY) scripts/summarize.py outputs/multirun/repro-omniglot
+	$(VENV)/bin/metatrain-summarize outputs/multirun/repro-omniglot
 
 repro-miniimagenet: install ## every MiniImageNet row of the published tables; then the table
 	$(METATRAIN) -m 'experiment=glob(*_miniimagenet_*)' seed=$(SEEDS) sweep_name=repro-miniimagenet $(ARGS)
-	$(PY) scripts/summarize.py outputs/multirun/repro-miniimagenet
+	$(VENV)/bin/metatrain-summarize outputs/multirun/repro-miniimagenet
 
 ablation-mamlpp: install ## MAML++ switches added to MAML and removed from MAML++, one at a time; BNRS under running statistics
 	$(METATRAIN) experiment=ablation_maml_plus_one $(ARGS)
 	$(METATRAIN) experiment=ablation_mamlpp_minus_one $(ARGS)
 	$(METATRAIN) experiment=ablation_bnrs $(ARGS)
-	$(PY) scripts/summarize.py outputs/multirun/ablation-maml-plus-one
-	$(PY) scripts/summarize.py outputs/multirun/ablation-mamlpp-minus-one
-	$(PY) scripts/summarize.py outputs/multirun/ablation-bnrs
+	$(VENV)/bin/metatrain-summarize outputs/multirun/ablation-maml-plus-one
+	$(VENV)/bin/metatrain-summarize outputs/multirun/ablation-mamlpp-minus-one
+	$(VENV)/bin/metatrain-summarize outputs/multirun/ablation-bnrs
 
 summarize: install ## table of a sweep beside the published numbers: make summarize SWEEP=outputs/multirun/NAME
-	$(PY) scripts/summarize.py $(SWEEP)
+	$(VENV)/bin/metatrain-summarize $(SWEEP)
 
 plot: install ## learning curves and test-accuracy bars (PNG) of a sweep or run folder: make plot SWEEP=outputs/multirun/NAME
-	$(PY) scripts/plot.py $(SWEEP)
+	$(VENV)/bin/metatrain-plot $(SWEEP)
 
 slurm-start: ## install (apt) and start a one-node Slurm cluster on this machine
 	bash scripts/local_slurm.sh install

@@ -1,4 +1,9 @@
-"""`metatrain`: compose the config with Hydra, print it, train, report.
+"""`metatrain`: compose the config with Hydra, train, report.
+
+A run opens with a short header (metatrain/header.py); the composed config is in
+RUN_DIR/.hydra/config.yaml and `metatrain --cfg job` prints it. What the console
+shows also goes to RUN_DIR/cli.log. A single run ends with its test accuracy and
+where its results and figures are (drawn there when matplotlib is installed).
 
 Errors a user can fix are printed as one line and exit with code 2. In a
 multirun a failed cell writes error.txt in its directory and the sweep goes on.
@@ -12,7 +17,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
-from rich.syntax import Syntax
 
 from metatrain import interrupt, sweep
 from metatrain.config import register_schemas
@@ -47,7 +51,15 @@ OmegaConf.register_new_resolver(
 
 def _fail(message: str) -> None:
     print(f"metatrain: error: {message}", file=sys.stderr)
+    _to_log(f"metatrain: error: {message}")
     sys.exit(2)
+
+
+def _to_log(line: str) -> None:
+    """Append a line to the run's log (cli.log) when one is open."""
+    from metatrain.logging import console
+
+    console.log_only(line, markup=False, highlight=False)
 
 
 # The first folder of a single run's output path that did not exist before it: what
@@ -124,7 +136,8 @@ def run(cfg) -> float | None:
     run_dir = run_dir_of(cfg)
     if multirun:
         sweep.record(run_dir, "started")
-    console.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", background_color="default"))
+    if not worker:  # a worker process's console is its own; the log is the cell's
+        console.attach_log(run_dir / f"{hydra_cfg.job.name}.log")
     try:
         results = train(cfg)
     except interrupt.Interrupted as e:
@@ -158,7 +171,29 @@ def run(cfg) -> float | None:
             interrupt.uninstall()
     if multirun:
         sweep.record(run_dir, "finished")
+    else:
+        _figures(run_dir, console)
+    console.detach_log()
     return results["test"]["acc"]
+
+
+def _figures(run_dir: Path, console) -> None:
+    """Draw a finished single run's figures into its directory and say where they are."""
+    from metatrain.scripts import plot
+
+    if plot.plt is None:
+        console.print(
+            f"figures: pip install 'metatrain[plot]', then metatrain-plot {run_dir}",
+            markup=False,
+        )
+        return
+    try:
+        drawn = plot.make_figures([run_dir], run_dir)
+    except Exception as e:  # noqa: BLE001 - a figure must not cost a finished run
+        console.print(f"[yellow]figures not drawn ({type(e).__name__}: {e})")
+        return
+    names = " and ".join(str(run_dir / name) for name in drawn)
+    console.print(f"figures: {names}", markup=False, highlight=False)
 
 
 def main() -> None:
@@ -169,6 +204,13 @@ def main() -> None:
 
     args, _ = get_args_parser().parse_known_args()
     try:
+        combined = usage.combine_repeats(CONF_DIR, args.overrides)
+        if combined != args.overrides:  # Hydra reads sys.argv: give it the combined list
+            rest = list(sys.argv[1:])
+            for o in args.overrides:
+                rest.remove(o)
+            sys.argv[1:] = rest + combined
+            args.overrides = combined
         if args.help:
             print(usage.help_text(CONF_DIR, args.overrides))
             return

@@ -112,6 +112,8 @@ class TrainConfig:
     cuda_graphs: bool = False  # CUDA: compile in reduce-overhead mode (CUDA graphs)
     nonfinite: NonFinite = NonFinite.stop  # what a NaN/inf meta-loss or meta-gradient does
     nonfinite_patience: int = 10  # skips in a row after which `skip` stops too
+    # torch's CPU threads: auto = the CPUs others leave idle (metatrain/threads.py), or a count
+    threads: str = "auto"
 
 
 @dataclass

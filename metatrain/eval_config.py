@@ -8,6 +8,7 @@ in EVAL_KEYS (metatrain/keys.py) may change, since any other would describe a ne
 the one trained.
 """
 
+import difflib
 from dataclasses import dataclass
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -54,11 +55,27 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    out = []
+    for k in node:
+        child = node._get_node(k, validate_access=False)
+        if OmegaConf.is_dict(child):
+            out += _leaf_keys(child, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def _check_key(cfg, key: str) -> None:
     if key == "eval.split":
         return
     if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
-        raise MetatrainError(f"{key} is not a key of this run's config; see metatrain-eval --help")
+        # Keys metatrain-eval accepts first: eval.test_task means eval.test_tasks.
+        known = ["eval.split"] + [k for k in _leaf_keys(cfg) if is_eval_key(k)]
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        close = close or difflib.get_close_matches(key, _leaf_keys(cfg), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else "; see metatrain-eval --help"
+        raise MetatrainError(f"{key} is not a key of this run's config{hint}")
     if not is_eval_key(key):
         raise MetatrainError(
             f"{key} changes what was trained, so metatrain-eval cannot set it; "

@@ -8,6 +8,27 @@ from pathlib import Path
 
 import torch
 
+from metatrain.errors import NO_SPACE, DiskFull
+
+
+def out_of_space(e: BaseException, directory: Path | None = None) -> bool:
+    """Whether `e` (or what it wraps) is a full disk. torch.save reports a failed
+    write as a RuntimeError ("unexpected pos", "file write failed"), so for those
+    the free space of `directory` decides."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(e)
+    if isinstance(e, RuntimeError) and directory and ("write" in text or "unexpected pos" in text):
+        try:
+            st = os.statvfs(directory)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < 1 << 20  # under 1 MiB left
+    return False
+
 
 def _replace_atomically(path: Path, write) -> None:
     """Write through a temp file in the same directory, then rename over `path`:
@@ -22,8 +43,11 @@ def _replace_atomically(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = out_of_space(e, path.parent)  # asked before the temp file frees its space
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise DiskFull(path) from None
         raise
 
 

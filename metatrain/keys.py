@@ -25,6 +25,7 @@ NON_MATH_KEYS = (
     "train.cuda_graphs",
     "train.nonfinite",  # guards: a finite run computes the same either way
     "train.nonfinite_patience",
+    "train.threads",  # how many CPU threads compute the same operators
     "eval.batch",  # tasks adapted at once; each task's result is its own
 )
 

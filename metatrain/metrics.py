@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from metatrain.errors import NO_SPACE, DiskFull
+
 FILE_NAME = "metrics.jsonl"
 
 
@@ -64,9 +66,17 @@ class MetricsFile:
     def write(self, metrics: dict, step: int) -> None:
         wall = self.wall0 + time.perf_counter() - self.t0
         row = {"iteration": step, "wall_time_s": round(wall, 3), **metrics}
-        self.file.write(json.dumps(row, default=float) + "\n")  # numpy/torch scalars too
-        self.file.flush()  # in the OS's hands now: survives SIGKILL of this process
+        try:
+            self.file.write(json.dumps(row, default=float) + "\n")  # numpy/torch scalars too
+            self.file.flush()  # in the OS's hands now: survives SIGKILL of this process
+        except OSError as e:
+            if e.errno in NO_SPACE:
+                raise DiskFull(self.path) from None
+            raise
 
     def close(self) -> None:
         if not self.file.closed:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # a full disk: the rows that reached it stay readable
+                pass

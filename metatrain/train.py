@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metatrain import checkpoint, interrupt, rng
+from metatrain import checkpoint, header, interrupt, rng, threads
 from metatrain.algorithms import build_learner, learner_class
 from metatrain.algorithms.inner import setup_device
 from metatrain.data.tasks import EpisodeSampler, FixedTasks
 from metatrain.datasets import load_splits
-from metatrain.errors import MetatrainError
+from metatrain.errors import DiskFull, MetatrainError
 from metatrain.evaluate import evaluate
 from metatrain.files import is_writable_dir, save_json
 from metatrain.inert import inert_settings
-from metatrain.logging import RunLogger, console
+from metatrain.logging import RunLogger, activity, console
 from metatrain.meta_test import describe, load_members, summary_metrics, test_block
 from metatrain.models import build_model
 from metatrain.naming import algorithm_label, bn_eval_mode
@@ -83,6 +83,10 @@ def train(cfg, run_dir: Path | None = None) -> dict:
     results_path = run_dir / "results.json"
     fingerprint = checkpoint.config_fingerprint(cfg)
     _check_settings(cfg)
+    device = resolve_device(cfg.device.value)
+    n_threads, why = threads.apply(cfg.train.threads)
+    for line in header.lines(cfg, run_dir, str(device), n_threads, why):
+        console.print(line, markup=False, highlight=False)
     for line in inert_settings(cfg):
         console.print(f"[yellow]warning: {line}", highlight=False)
 
@@ -91,6 +95,7 @@ def train(cfg, run_dir: Path | None = None) -> dict:
     if results_path.exists():
         results = checkpoint.finished_results(results_path, fingerprint)
         console.print(f"[green]{run_dir} is finished; its results.json stands")
+        console.print(f"[bold green]{describe(results['test'])}\nresults: {results_path}")
         return results
     resume = checkpoint.load(last_path) if last_path.exists() else None
     if resume is not None:
@@ -100,7 +105,6 @@ def train(cfg, run_dir: Path | None = None) -> dict:
             console.print(f"[green]{run_dir} is finished; results.json rewritten from {last_path}")
             return resume["results"]
 
-    device = resolve_device(cfg.device.value)
     setup_device(device, cfg.train)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -144,13 +148,20 @@ def train(cfg, run_dir: Path | None = None) -> dict:
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     start, wall, best = 0, 0.0, []  # best: [(val acc, iteration, file name)], best first
+    # The log interval in progress: sums of (loss, acc) over n_sum steps since
+    # iteration `ticked`, `elapsed` seconds of them. Kept in last.pt, so the first row
+    # logged after a resume is the mean over the whole interval, as without the stop.
+    interval = {"sums": None, "n": 0, "elapsed": 0.0, "from": 0}
     if resume is not None:
         learner.load_state_dict(resume["learner"])
         rng.restore(resume["rng"], generator)
         start, wall, best = resume["iteration"], resume["wall_time_s"], resume["best"]
+        interval = resume.get("interval") or {**interval, "from": start}
         console.print(f"[cyan]resuming {run_dir} at iteration {start}")
+    intact = start if resume is not None else None  # last.pt's iteration on disk
 
-    def save_last(iteration: int, results: dict | None = None) -> None:
+    def save_last(iteration: int, results: dict | None = None, elapsed: float = 0.0) -> None:
+        nonlocal intact
         checkpoint.save(
             {
                 "iteration": iteration,
@@ -161,9 +172,16 @@ def train(cfg, run_dir: Path | None = None) -> dict:
                 "wall_time_s": wall,
                 "nonfinite_skips": guard.skipped,
                 "results": results,
+                "interval": {
+                    "sums": None if sums is None else sums.tolist(),
+                    "n": n_sum,
+                    "elapsed": elapsed,
+                    "from": ticked,
+                },
             },
             last_path,
         )
+        intact = iteration
 
     t = cfg.train
     guard = NonFiniteGuard(learner, t.nonfinite, t.nonfinite_patience)
@@ -172,10 +190,11 @@ def train(cfg, run_dir: Path | None = None) -> dict:
     interrupt.reached(start)
     with interrupt.deferred(start):  # from here a signal stops the loop between iterations
         logger = RunLogger(cfg, run_dir, start, t.iterations, wall)
+    sums, n_sum, t0 = interval["sums"], interval["n"], time.perf_counter()
+    sums = None if sums is None else torch.tensor(sums, device=device)
+    tick, ticked = t0 - interval["elapsed"], interval["from"]
     try:
         with interrupt.deferred(start):
-            sums, n_sum, t0 = None, 0, time.perf_counter()
-            tick, ticked = t0, start
             for it in range(start, t.iterations):
                 batch = samplers["train"].sample(cfg.algorithm.meta_batch, generator)
                 metrics = guard.step(batch, it)  # None: a non-finite step, undone
@@ -198,14 +217,15 @@ def train(cfg, run_dir: Path | None = None) -> dict:
                 paused = time.perf_counter()  # validation and saving stay out of time/iter_s
                 validating = val_tasks is not None
                 if validating and (done % t.val_interval == 0 or done == t.iterations):
-                    val = evaluate(learner, val_tasks, cfg.eval.batch)
+                    with activity("validation", len(val_tasks), "tasks", announce=False) as step:
+                        val = evaluate(_Counting(learner, step), val_tasks, cfg.eval.batch)
                     logger.log({"val/acc": val["acc"], "val/acc_ci95": val["ci95"]}, step=done)
                     best = _keep_best(best, val["acc"], done, learner, ckpt_dir, t.keep_best)
                 saving = done % t.checkpoint_interval == 0 or done == t.iterations
                 if saving or interrupt.requested():
                     wall += time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    save_last(done)
+                    save_last(done, elapsed=paused - tick)
                 tick += time.perf_counter() - paused
                 if interrupt.requested():
                     raise interrupt.Interrupted(interrupt.requested(), done)
@@ -213,10 +233,15 @@ def train(cfg, run_dir: Path | None = None) -> dict:
         interrupt.reached(t.iterations)
 
         members = load_members(best, cfg.eval.ensemble_top_k, ckpt_dir)
-        test = test_block(
-            learner, test_tasks, cfg.eval.batch, best, members,
-            cfg.eval.test_from.value, bn_eval_mode(cfg.model.bn_eval),
-        )  # fmt: skip
+        # One pass over the tasks per member, and one more for the last parameters
+        # unless the single model is the best member (meta_test.test_block).
+        from_best = cfg.eval.test_from.value == "best" and bool(members)
+        passes = len(members) + (not from_best)
+        with activity("test", passes * len(test_tasks), "tasks") as step:
+            test = test_block(
+                _Counting(learner, step), test_tasks, cfg.eval.batch, best, members,
+                cfg.eval.test_from.value, bn_eval_mode(cfg.model.bn_eval),
+            )  # fmt: skip
         accs = {k: v for k, v in summary_metrics(test).items() if k.endswith(("acc", "_ci95"))}
         logger.log(accs, step=t.iterations)  # headline, single and ensemble
         results = {
@@ -241,11 +266,36 @@ def train(cfg, run_dir: Path | None = None) -> dict:
         save_json(results, results_path)
         save_last(t.iterations, results)
         logger.finish({**summary_metrics(test), "algorithm": results["algorithm"]})
+    except DiskFull as e:
+        logger.finish()
+        kept = (
+            f"the last intact checkpoint is {last_path} (iteration {intact})"
+            if intact is not None
+            else "no checkpoint was saved yet"
+        )
+        raise MetatrainError(
+            f"{e}; {kept}: free some space, then run the same command again to resume"
+        ) from None
     except BaseException:
         logger.finish()
         raise
-    console.print(f"[bold green]{describe(test)}\n-> {results_path}")
+    console.print(f"[bold green]{describe(test)}\nresults: {results_path}")
     return results
+
+
+class _Counting:
+    """The learner, counting the tasks it predicts for a progress line."""
+
+    def __init__(self, learner, step):
+        self._learner, self._step = learner, step
+
+    def __getattr__(self, name):
+        return getattr(self._learner, name)
+
+    def predict(self, batch, *args, **kwargs):
+        out = self._learner.predict(batch, *args, **kwargs)
+        self._step(len(out))  # (tasks, ways*queries, ways)
+        return out
 
 
 def _keep_best(best, acc, iteration, learner, ckpt_dir, keep):

@@ -71,6 +71,77 @@ def _first_values(parsed) -> list[str]:
     return out
 
 
+# Groups whose options are switches that compose (each sets keys of its own): given
+# more than once, the choices are combined into one list. Any other group given twice
+# is refused: Hydra would keep the last choice and drop the others in silence. A plain
+# key given twice keeps its last value, the usual "later overrides win" of a command
+# line (base arguments, then a change), which scripts and tests rely on.
+COMBINABLE = ("ablation",)
+
+
+def combine_repeats(conf_dir: str, overrides: list[str]) -> list[str]:
+    """`overrides` with a repeated COMBINABLE group merged into one list override
+    (`ablation=drop_lslr ablation=drop_msl` -> `ablation=[drop_lslr,drop_msl]`), in
+    the place of its first mention; MetatrainError for any other repeat, or for
+    combined options that set the same key to different values."""
+    parsed = _parse(overrides)
+    group_names = groups(conf_dir)
+    seen: dict[str, list] = {}
+    for o in parsed:
+        seen.setdefault(o.get_key_element().lstrip("+~"), []).append(o)
+    out = []
+    for o in parsed:
+        key = o.get_key_element().lstrip("+~")
+        mentions = seen[key]
+        if len(mentions) == 1 or (key not in group_names and "/" not in key):
+            out.append(o.input_line)
+            continue
+        values = ", ".join(m.input_line.split("=", 1)[-1] for m in mentions)
+        if key not in COMBINABLE or any(m.is_sweep_override() for m in mentions):
+            raise MetatrainError(
+                f"{key} is given {len(mentions)} times ({values}); a run takes one {key}, "
+                f"Hydra would keep the last in silence: keep one (several runs: -m {key}=a,b)"
+            )
+        if o is not mentions[0]:
+            continue
+        options = list(dict.fromkeys(v for m in mentions for v in _values(m)))
+        _check_compatible(conf_dir, key, options)
+        out.append(f"{key}=[{','.join(options)}]")
+    return out
+
+
+def _values(o) -> list[str]:
+    value = o.value()
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def _check_compatible(conf_dir: str, group: str, options: list[str]) -> None:
+    """Refuse options of one group that set the same key to different values."""
+    set_by: dict[str, tuple[str, object]] = {}
+    for option in options:
+        path = Path(conf_dir) / group / f"{option}.yaml"
+        if not path.is_file():
+            continue  # an unknown option gets its own message from check()
+        flat = _flat(OmegaConf.to_container(OmegaConf.load(path)) or {})
+        for k, v in flat.items():
+            if k in set_by and set_by[k][1] != v:
+                raise MetatrainError(
+                    f"{group}={set_by[k][0]} and {group}={option} both set {k} "
+                    f"({set_by[k][1]} and {v}); keep one"
+                )
+            set_by.setdefault(k, (option, v))
+
+
+def _flat(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def check(conf_dir: str, overrides: list[str]) -> None:
     """Raise MetatrainError (one line) for an override that Hydra would refuse."""
     if not overrides:
@@ -88,7 +159,7 @@ def check(conf_dir: str, overrides: list[str]) -> None:
                 if type(o.value()).__name__ == "Glob":
                     continue
                 values = list(o.sweep_string_iterator()) if o.is_sweep_override() else None
-                for v in values or [o.value()]:
+                for v in values or _values(o):  # a list: several options of one group
                     _check_option(group, str(v))
         try:
             compose("config", overrides=_first_values(parsed), return_hydra_config=True)
@@ -105,8 +176,23 @@ def _check_option(group: str, option: str) -> None:
         )
 
 
+# Launchers that come with an optional extra (pyproject.toml), by Hydra's config name.
+EXTRA_LAUNCHERS = {
+    "joblib": ("local", "hydra-joblib-launcher", "scale"),
+    "submitit_slurm": ("slurm", "hydra-submitit-launcher", "scale"),
+    "submitit_local": ("slurm", "hydra-submitit-launcher", "scale"),
+}
+
+
 def _translate(e: Exception, default, group_names: list[str]) -> MetatrainError:
     text = f"{e}\n{e.__cause__ or ''}"
+    launcher = re.search(r"Could not load 'hydra/launcher/(\w+)'", text)
+    if launcher and launcher.group(1) in EXTRA_LAUNCHERS:
+        ours, package, extra = EXTRA_LAUNCHERS[launcher.group(1)]
+        return MetatrainError(
+            f"hydra/launcher={ours} needs {package}, which is not installed: "
+            f"pip install 'metatrain[{extra}]' (make install does)"
+        )
     found = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
     if found:
         try:

@@ -22,6 +22,7 @@ import argparse
 import json
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 from metatrain.scripts import summarize  # config grouping, names, published numbers
@@ -79,6 +80,7 @@ def group(runs: list[dict]) -> tuple[list[dict], str]:
         own = " ".join(o for o in c["overrides"] if o not in common)
         c["method"], c["task"] = summarize.algorithm_label(cfg), summarize.task_name(cfg)
         c["bn"] = summarize.bn_mode(cfg)
+        c["preset"] = c["runs"][0].get("preset")  # a published row's config, or None
         c["label"] = own or c["method"]
         c["seeds"] = len(c["runs"])
     shared = [o for o in configs[0]["overrides"] if o in common] if configs else []
@@ -129,7 +131,7 @@ def plot_curves(configs: list[dict], shared: str, path: Path):
     rows = -(-len(labels) // ncol)
     fig.set_figheight(4.2 + 0.2 * rows)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
-    fig.suptitle(_title("Learning curves", shared), fontsize=10)
+    fig.suptitle(_title("Learning curves", shared, 11), fontsize=10)
     fig.tight_layout(rect=(0, (0.1 + 0.2 * rows) / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=100)
     return fig
@@ -171,28 +173,39 @@ def plot_bars(configs: list[dict], shared: str, path: Path):
                     label="95% CI over test tasks")  # fmt: skip
         ax.scatter([x] * len(b["accs"]), b["accs"], color="black", s=12, zorder=3,
                    label="one seed")  # fmt: skip
-        paper = summarize.paper_numbers(summarize.published(c["method"], c["bn"], c["task"]))[0]
+        published = summarize.published(c["method"], c["bn"], c["task"]) if c["preset"] else None
+        paper = summarize.paper_numbers(published)[0]
         if paper is not None:
             ax.hlines(paper, x - 0.4, x + 0.4, color="red", linewidth=2, zorder=4,
                       label="published (full budget)")  # fmt: skip
     ax.set_xticks(list(xs), names, fontsize=8)
     ax.set_ylabel("test accuracy (%)")
-    lows = [min(b["accs"] + [b["mean"] - b["ci95"]]) for _, b in rows]
-    ax.set_ylim(max(0.0, min(lows) - 5), 100)
+    # From zero: a bar's length is its accuracy (an axis starting near the data makes
+    # small differences look large); chance level (100 / ways) drawn for reference.
+    ax.set_ylim(0, 100)
+    for x, (c, _) in zip(xs, rows, strict=True):
+        ways = (c["runs"][0]["cfg"].get("dataset") or {}).get("ways")
+        if ways:
+            ax.hlines(100 / ways, x - 0.4, x + 0.4, color="black", linestyle=":", linewidth=1,
+                      zorder=4, label="chance (1 / ways)")  # fmt: skip
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))  # one legend entry per kind
     ax.legend(
         unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1)
     )
-    ax.set_title(_title("Test accuracy per configuration", shared), fontsize=10)
+    ax.set_title(_title("Test accuracy per configuration", shared, width), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return fig
 
 
-def _title(what: str, shared: str) -> str:
-    return f"{what}\n{shared}" if shared else what
+def _title(what: str, shared: str, width_in: float) -> str:
+    """The title, the overrides every configuration shares wrapped below it to the
+    figure's width (about 13 characters of 10-point text an inch), so none is clipped."""
+    if not shared:
+        return what
+    return what + "\n" + textwrap.fill(shared, width=max(20, int(11 * width_in)))
 
 
 def make_figures(dirs: list[Path], out: Path) -> dict:

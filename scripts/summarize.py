@@ -17,6 +17,7 @@ SWEEP_DIR or in --out DIR. Figures of the same runs
 import argparse
 import csv
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -95,6 +96,24 @@ MD_COLUMNS = [
     "single 95% CI", "ensemble acc %", "ensemble 95% CI", "std over seeds (single/ens.)",
     "paper", "Δ (ours − paper)", "iterations", "wall s (mean/seed)", "status",
 ]  # fmt: skip
+
+
+# A preset that is a published table row: conf/experiment/<method>_<dataset>_<W>w<S>s.yaml.
+PRESET_ROW = re.compile(r"[a-z_]+_(omniglot|miniimagenet)_\d+w\d+s")
+
+
+def published_preset(overrides: list[str]) -> str | None:
+    """The published-row preset a run was made with, if its maths is that preset's: an
+    `experiment=<row>` override and no other override that changes what is computed
+    (seed and metatrain/keys.py's non-maths keys aside). Else None: a quickstart run,
+    a partial budget or any changed key is not the published row, and gets no number."""
+    presets = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "experiment"]
+    if len(presets) != 1 or not PRESET_ROW.fullmatch(presets[0]):
+        return None
+    others = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0] != "experiment"]
+    if any(not is_non_math(k) and k.lstrip("+~") != "seed" for k in others):
+        return None
+    return presets[0]
 
 
 def paper_method(label: str, bn: str) -> str | None:
@@ -186,6 +205,7 @@ def read_cell(cell: Path) -> dict:
     total = (cfg.get("train") or {}).get("iterations")
     run = {"cell": cell, "cfg": cfg, "seed": cfg.get("seed"), "iterations": total,
            "overrides": shown_overrides(overrides), "wall": None, "source": "run",
+           "preset": published_preset(overrides),
            "task": task_name(cfg), "bn": bn_mode(cfg), "method": algorithm_label(cfg)}  # fmt: skip
     run.update({k: v for k, v in outcome(cell, total).items() if v is not None})
     if not cfg:
@@ -206,7 +226,9 @@ def read_evals(run: dict) -> list[dict]:
             continue
         shown = ",".join(o for o in record.get("overrides", []) if not is_non_math(o.split("=")[0]))
         status = "finished" if state["status"] == "finished" else f"eval at {state['iteration']}"
+        same = not shown  # the run's own protocol: still the published row's, if it was
         out.append({**run, **numbers, "source": f"eval: {path.stem}", "status": status,
+                    "preset": run["preset"] if same else None,
                     "overrides": f"{run['overrides']} eval:{shown or 'own'}".strip(),
                     "task": task_name(run["cfg"], p["ways"], p["shots"]), "bn": bn_eval_mode(p["bn_eval"]),
                     "iterations": state["iteration"], "wall": None})  # fmt: skip
@@ -226,7 +248,7 @@ def _std(values: list) -> float | None:
 def make_row(runs: list[dict]) -> dict:
     first = runs[0]
     method, task = first["method"], first["task"]
-    paper = published(method, first["bn"], task)
+    paper = published(method, first["bn"], task) if first.get("preset") else None
     paper_acc, paper_ci = paper_numbers(paper)
     row = {"method": method, "task": task, "bn_eval": first["bn"], "source": first["source"],
            "overrides": "; ".join(dict.fromkeys(r["overrides"] for r in runs)),

@@ -107,7 +107,7 @@ def signal_cli_when(ready, sig: int, *args: str, stderr=subprocess.DEVNULL, time
 
 
 def run_cli(*args: str, timeout: float = 900, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = {**popen.pop("env", os.environ), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     return subprocess.run(
         [*metatrain_cmd(), *args],
         check=False,

@@ -219,3 +219,27 @@ def test_a_handler_found_before_ours_acts_after_the_save(capsys):
         interrupt.clear()
         signal.signal(signal.SIGUSR2, previous)
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_the_first_row_logged_after_a_resume_is_the_whole_intervals_mean(
+    reference, tmp_path, monkeypatch, signals
+):
+    # Stopped after iteration 4, inside the log interval 3-6: the row at 6 must still
+    # average iterations 4, 5 and 6, as in the run that was never stopped.
+    count_steps(monkeypatch, at=3, signum=signal.SIGINT)
+    with pytest.raises(interrupt.Interrupted) as stopped:
+        train(make_cfg(*ARGS), tmp_path)
+    assert stopped.value.iteration == 4
+    interrupt.clear()
+    train(make_cfg(*ARGS), tmp_path)
+
+    def rows(run_dir):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return {r["iteration"]: r for r in map(json.loads, lines) if "train/loss" in r}
+
+    ours, theirs = rows(tmp_path), rows(reference[0])
+    assert sorted(ours) == sorted(theirs) == [3, 6, 9, 12]
+    for it in ours:
+        assert ours[it]["train/loss"] == theirs[it]["train/loss"], it
+        assert ours[it]["train/acc"] == theirs[it]["train/acc"], it
+    assert ours[6]["time/iter_s"] > 0

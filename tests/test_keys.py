@@ -26,6 +26,7 @@ NON_MATH_OVERRIDES = {
     "train.inner_checkpoint": "train.inner_checkpoint=true",
     "train.nonfinite": "train.nonfinite=skip",
     "train.nonfinite_patience": "train.nonfinite_patience=3",
+    "train.threads": "train.threads=1",
     "eval.batch": "eval.batch=3",
 }
 

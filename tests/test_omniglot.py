@@ -88,5 +88,6 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr("urllib.request.urlopen", offline)
     with pytest.raises(MetatrainError, match="download failed") as e:
-        load_omniglot_images(tmp_path / "omni", 28, download=True)
+        load_omniglot_images(tmp_path / "omni" / "data", 28, download=True)
     assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # no empty omni/data/omniglot-py/ left behind

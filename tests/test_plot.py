@@ -82,6 +82,18 @@ def test_curves_and_bars_of_two_configs_by_two_seeds(tmp_path):
     assert len(marks) == 1 and marks[0].get_segments()[0][0][1] == pytest.approx(98.7)
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert {"published (full budget)", "one seed", "single", "ensemble of 3"} <= set(legend)
+    assert ax.get_ylim() == (0, 100)  # bars from zero, not from near the lowest one
+    chance = [c for c in ax.collections if c.get_label() == "chance (1 / ways)"]
+    assert chance and chance[0].get_segments()[0][0][1] == pytest.approx(20.0)
+
+
+def test_a_long_title_is_wrapped_to_the_figure_not_clipped():
+    shared = " ".join(f"train.key_number_{i}=value_{i}" for i in range(12))
+    title = plot._title("Test accuracy per configuration", shared, 8.0)
+    lines = title.split("\n")
+    assert lines[0] == "Test accuracy per configuration" and len(lines) > 3
+    assert all(len(ln) <= 88 for ln in lines)
+    assert " ".join(lines[1:]) == shared
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):

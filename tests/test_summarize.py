@@ -133,10 +133,11 @@ def test_task_name():
 
 
 def test_reproduced_row_shows_the_published_number_and_the_difference(tmp_path):
-    cell(tmp_path, ["seed=0"], config(), acc=97.5)
-    cell(tmp_path, ["seed=1"], config(seed=1), acc=98.1)
+    cell(tmp_path, ["experiment=maml_omniglot_5w1s", "seed=0"], config(), acc=97.5)
+    cell(tmp_path, ["experiment=maml_omniglot_5w1s", "seed=1", "logger=none"], config(seed=1),
+         acc=98.1)  # fmt: skip
     pp = config(ways=20, **PP)
-    cell(tmp_path, ["algorithm=mamlpp", "dataset.ways=20"], pp, acc=97.0)
+    cell(tmp_path, ["experiment=mamlpp_omniglot_20w1s"], pp, acc=97.0)
     cell(tmp_path, ["algorithm.msl=true"], config(msl=True), acc=97.0)
     rows = {r["method"]: r for r in summary(tmp_path)}
     maml = rows["maml"]
@@ -150,9 +151,26 @@ def test_reproduced_row_shows_the_published_number_and_the_difference(tmp_path):
     assert "| 98.7 ± 0.4 | -0.90 |" in table and "| 97.65 | -0.65 |" in table
 
 
+def test_published_numbers_only_beside_a_published_rows_config(tmp_path):
+    row = "experiment=maml_omniglot_5w1s"
+    cases = {
+        "a": ([row, "seed=0", "device=cpu", "train.backend=loop"], "98.7"),  # maths unchanged
+        "b": (["experiment=quickstart"], ""),  # not a table row
+        "c": ([row, "train.iterations=20"], ""),  # a partial budget
+        "d": ([row, "model.filters=32"], ""),  # another network
+        "e": (["algorithm=maml"], ""),  # no preset at all
+    }
+    for name, (overrides, paper) in cases.items():
+        cell(tmp_path / name, overrides, config(), acc=90.0)
+        (only,) = summary(tmp_path / name)
+        assert only["paper_acc"] == paper, name
+    assert summarize.published_preset([row, "seed=3", "logger=wandb", "logger.mode=online"])
+    assert summarize.published_preset([row, "+algorithm.lslr=true"]) is None
+
+
 def test_unfinished_and_failed_cells_are_rows_of_their_own(tmp_path):
     cell(tmp_path, ["seed=0"], config(), acc=97.0)
-    cell(tmp_path, ["seed=1"], config(seed=1), iteration=250)
+    cell(tmp_path, ["experiment=maml_omniglot_5w1s", "seed=1"], config(seed=1), iteration=250)
     cell(tmp_path, ["seed=2"], config(seed=2))
     cell(tmp_path, ["seed=3"], config(seed=3), error="dataset.queries=0: no queries\nmore\n")
     rows = summary(tmp_path)
@@ -220,7 +238,7 @@ def test_real_tiny_sweep(omniglot_data, tmp_path):
         ("maml", "2", "finished"),
         ("maml+lslr", "2", "finished"),
     ]
-    assert rows[0]["paper_acc"] == "98.7" and rows[0]["delta"] != ""
+    assert rows[0]["paper_acc"] == "" and rows[0]["delta"] == ""  # 4 iterations: no paper row
     assert all(0 <= float(r["acc_mean"]) <= 100 and r["iterations"] == "4" for r in rows)
     assert "algorithm.lslr=False" in (sweep / "summary.md").read_text()
 
@@ -238,7 +256,8 @@ def both_numbers(path, single, ensemble, k=3, ci=(0.5, 0.4)):
 def test_single_and_ensemble_columns_and_evaluation_rows(tmp_path):
     pp = config(**PP)
     for seed, (single, ens) in enumerate([(96.0, 97.0), (98.0, 99.0)]):
-        c = cell(tmp_path, [f"seed={seed}", "experiment=e"], {**pp, "seed": seed}, acc=ens)
+        row = "experiment=mamlpp_omniglot_5w1s"
+        c = cell(tmp_path, [f"seed={seed}", row], {**pp, "seed": seed}, acc=ens)
         both_numbers(c / "results.json", single, ens)
         # Two metatrain-eval protocols per seed; the second with fewer ways.
         (c / "eval").mkdir()
@@ -272,6 +291,8 @@ def test_single_and_ensemble_columns_and_evaluation_rows(tmp_path):
     three = rows["eval: dataset.ways=3"]
     assert (three["task"], three["bn_eval"], three["seeds"]) == ("Omniglot 3w1s", "running", "2")
     assert float(three["single_acc_mean"]) == pytest.approx(98.0)
-    assert three["overrides"] == "experiment=e eval:dataset.ways=3"  # device aside
+    assert three["overrides"] == "experiment=mamlpp_omniglot_5w1s eval:dataset.ways=3"
+    assert three["paper_acc"] == ""  # 3 ways: no published row
     assert rows["eval: default"]["ensemble_acc_mean"] == rows["run"]["ensemble_acc_mean"]
+    assert rows["eval: default"]["paper_acc"] == "99.47"  # the run's own protocol
     assert "running stats" in (tmp_path / "summary.md").read_text()

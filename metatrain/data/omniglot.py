@@ -61,10 +61,20 @@ def _find_sources(root: Path) -> dict[str, Path] | None:
 
 def _download(root: Path) -> None:
     # md5 is checked on download only: copies rebuilt from the same images differ in md5
-    for part, url in URLS.items():
-        dest = root / "omniglot-py" / f"{part}.zip"
-        if not dest.is_file():
-            fetch(Remote(url, OFFICIAL_MD5[part]), dest)
+    target = root / "omniglot-py"
+    made = [p for p in (target, *target.parents) if not p.exists()]  # deepest first
+    try:
+        for part, url in URLS.items():
+            dest = target / f"{part}.zip"
+            if not dest.is_file():
+                fetch(Remote(url, OFFICIAL_MD5[part]), dest)
+    except BaseException:
+        for folder in made:  # a failed download leaves no empty folders behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def _drawings(source: Path):
@@ -110,13 +120,25 @@ def _decode(png: bytes, size: int, resample: str = "lanczos", invert: bool = Tru
     return 255 - x if invert else x.copy()  # inverted: ink bright, background 0
 
 
+def _count(source: Path) -> int:
+    if source.is_dir():
+        return sum(1 for _ in source.glob("*/*/*.png"))
+    with zipfile.ZipFile(source) as zf:
+        return sum(n.endswith(".png") for n in zf.namelist())
+
+
 def _build(
     sources: dict[str, Path], size: int, resample: str = "lanczos", invert: bool = True
 ) -> tuple[torch.Tensor, list[str]]:
+    from metatrain.logging import activity  # the console; not needed to read a cache
+
     by_char: dict[str, list[np.ndarray]] = {}
-    for part in PARTS:
-        for key, png in _drawings(sources[part]):
-            by_char.setdefault(f"{part}/{key}", []).append(_decode(png, size, resample, invert))
+    total = sum(_count(sources[part]) for part in PARTS)
+    with activity(f"caching Omniglot at {size}x{size} (once)", total, "drawings") as step:
+        for part in PARTS:
+            for key, png in _drawings(sources[part]):
+                by_char.setdefault(f"{part}/{key}", []).append(_decode(png, size, resample, invert))
+                step()
     names = sorted(by_char)
     short = [n for n in names if len(by_char[n]) != DRAWINGS_PER_CHARACTER]
     if short or not names:
