@@ -26,7 +26,8 @@ def test_a_run_opens_with_a_short_header_and_logs_to_cli_log(omniglot_data, tmp_
     assert err[4] == f"config     {tmp_path}/.hydra/config.yaml (or: metatrain --cfg job ...)"
     assert not [ln for ln in err if ln.startswith(("algorithm:", "  meta_batch:"))]  # no dump
     assert f"results: {tmp_path}/results.json" in err
-    assert any(ln.startswith("test, single model (iteration") for ln in err)
+    # the default run is MAML's protocol: the last parameters tested
+    assert any(ln.startswith("test, single model (last parameters)") for ln in err)
     figures = next(ln for ln in err if ln.startswith("figures: "))
     assert (tmp_path / "curves.png").stat().st_size and (tmp_path / "test_accuracy.png").exists()
     assert str(tmp_path / "curves.png") in figures
@@ -56,7 +57,7 @@ def test_a_repeated_ablation_combines_into_one_list():
     assert combined == ["experiment=mamlpp_omniglot_5w1s", "ablation=[drop_lslr,drop_msl]"]
     cfg = make_cfg(*combined)
     assert cfg.algorithm.lslr is False and cfg.algorithm.msl is False  # both fixes dropped
-    assert cfg.algorithm.da is True and cfg.algorithm.ca is True
+    assert cfg.algorithm.bnwb is True and cfg.algorithm.ca is True  # the others stay on
     usage.check(CONF_DIR, combined)  # and the list passes the command line's checks
     assert usage.combine_repeats(CONF_DIR, ["ablation=drop_ca", "ablation=drop_ca"]) == [
         "ablation=[drop_ca]"

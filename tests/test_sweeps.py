@@ -124,7 +124,7 @@ def test_experiment_presets_compose(name):
         assert a.ca == ("omniglot" in name)
         assert cfg.model.activation.value == "leaky_relu"
         # transductive, as published, where bnrs cannot act (ablation_bnrs measures it)
-        assert not a.bnrs and cfg.model.bn_eval.value == "batch"
+        assert not a.bnrs and cfg.model.bn_eval.value == "transductive"
     if name.startswith(("mamlpp_omniglot", "ablation_")):
         # the authors' augmentation and split: per-task class rotation, 1150 / 50 / 423
         d = cfg.dataset

@@ -121,10 +121,15 @@ def _decode(png: bytes, size: int, resample: str = "lanczos", invert: bool = Tru
 
 
 def _count(source: Path) -> int:
+    """Drawings in a part, for the caching progress; 0 for a broken zip, which
+    _drawings then names in one line."""
     if source.is_dir():
         return sum(1 for _ in source.glob("*/*/*.png"))
-    with zipfile.ZipFile(source) as zf:
-        return sum(n.endswith(".png") for n in zf.namelist())
+    try:
+        with zipfile.ZipFile(source) as zf:
+            return sum(n.endswith(".png") for n in zf.namelist())
+    except (zipfile.BadZipFile, zlib.error, EOFError):
+        return 0
 
 
 def _build(
