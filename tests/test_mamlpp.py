@@ -254,7 +254,6 @@ def test_grad_clip_clamps_the_networks_gradients_not_the_learned_rates():
     )
 
 
-
 # -- ensemble ---------------------------------------------------------------
 
 
