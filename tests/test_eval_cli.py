@@ -28,8 +28,15 @@ BASE += ["eval.ensemble_top_k=2", "train.keep_best=3", "eval.batch=8", "eval.tes
 ALGORITHMS = {
     "maml": ["algorithm=maml"],
     "fomaml": ["algorithm=fomaml"],
-    # MAML++ with per-step tensors of 2 steps (LSLR rates, BNWB rows, BNRS rows).
-    "mamlpp": ["algorithm=mamlpp", "algorithm.train_steps=2", "algorithm.eval_steps=2"],
+    # MAML++ with per-step tensors of 2 steps (LSLR rates, BNWB rows, BNRS rows), its
+    # leaky ReLU, and TF's batch-norm eps and 'same' pooling (28-14-7-4-2).
+    "mamlpp": [
+        "algorithm=mamlpp",
+        "algorithm.train_steps=2",
+        "algorithm.eval_steps=2",
+        "model.bn_eps=1e-3",
+        "model.pool_padding=same",
+    ],
     "reptile": ["algorithm=reptile", "algorithm.eval_iters=4", "algorithm.inner_iters=2"],
 }
 
