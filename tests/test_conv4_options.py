@@ -176,6 +176,17 @@ def test_presets_build_the_authors_networks():
     assert reptile.params()["head.weight"].shape == (5, 1152)
     omniglot = build_model(make_cfg("experiment=reptile_omniglot_5w1s"), CPU)
     assert (omniglot.bn_eps, omniglot.downsample) == (1e-3, "stride")
-    # the defaults: ReLU, PyTorch's eps, floor pooling
-    plain = build_model(make_cfg(), CPU)
+    assert omniglot.conv_same and not omniglot.head_mean  # TF 'same' stride-2 convs
+    # the default run is MAML's TF network: ReLU, TF batch norm's eps, TF 'SAME' convs
+    maml = build_model(make_cfg(), CPU)
+    assert (maml.leaky_slope, maml.bn_eps, maml.conv_same, maml.head_mean) == (
+        0.0,
+        1e-3,
+        True,
+        True,
+    )
+    assert "bn0.weight" not in maml.params()  # shift-only batch norm
+    # conv4's own defaults: ReLU, PyTorch's eps, floor pooling, symmetric padding
+    plain = build_model(make_cfg("algorithm=mamlpp", "model.activation=relu"), CPU)
     assert (plain.leaky_slope, plain.bn_eps, plain.pool_ceil) == (0.0, 1e-5, False)
+    assert not plain.conv_same and not plain.head_mean
