@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from metatrain import interrupt, sweep
+from metatrain import interrupt, run_lock, sweep
 from metatrain.config import register_schemas
 from metatrain.errors import MetatrainError
 from metatrain.files import is_writable_dir, remove_if_nothing_kept
@@ -87,6 +87,15 @@ class OutputDirCheck(Callback):
 
     def on_run_start(self, config, **kwargs) -> None:
         self._check(config, "hydra.run.dir")
+        # Before Hydra writes the run's .hydra/ files: a second process on a run
+        # directory in use must leave every byte of it as it was.
+        try:
+            run_lock.take(Path(str(OmegaConf.select(config, "hydra.run.dir"))))
+        except run_lock.RunLocked as e:
+            _fail(str(e))
+
+    def on_run_end(self, config, **kwargs) -> None:
+        run_lock.release(Path(str(OmegaConf.select(config, "hydra.run.dir"))))
 
     def on_multirun_start(self, config, **kwargs) -> None:
         self._check(config, "hydra.sweep.dir")
@@ -134,6 +143,23 @@ def run(cfg) -> float | None:
     # Here too, not only in main(): Slurm jobs and worker processes start elsewhere.
     fresh = interrupt.install(immediate=not worker)
     run_dir = run_dir_of(cfg)
+    try:  # a sweep cell's lock; a single run holds its own since OutputDirCheck
+        run_lock.take(run_dir)
+    except run_lock.RunLocked as e:
+        if not multirun:
+            _fail(str(e))
+        # The cell's files are the holder's: nothing is written there.
+        sweep.record_refused(run_dir, str(e))
+        console.print(f"metatrain: error: {e}", style="red", markup=False, highlight=False)
+        return None
+    try:
+        return _run_locked(cfg, run_dir, multirun, worker, fresh, console, train)
+    finally:
+        run_lock.release(run_dir)
+
+
+def _run_locked(cfg, run_dir, multirun, worker, fresh, console, train) -> float | None:
+    hydra_cfg = HydraConfig.get()
     if multirun:
         sweep.record(run_dir, "started")
     if not worker:  # a worker process's console is its own; the log is the cell's

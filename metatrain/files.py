@@ -81,7 +81,8 @@ def is_writable_dir(path: Path) -> bool:
 
 
 def remove_if_nothing_kept(run_dir: Path, created: Path | None = None) -> bool:
-    """Delete a run directory that holds nothing but Hydra's files (.hydra/, logs),
+    """Delete a run directory that holds nothing but Hydra's files (.hydra/, logs)
+    and its lock file,
     as after a run that failed before its first iteration; then the folders up to
     `created` (the first one this run made) if that left them empty."""
     run_dir = Path(run_dir)
@@ -89,7 +90,7 @@ def remove_if_nothing_kept(run_dir: Path, created: Path | None = None) -> bool:
         entries = list(run_dir.iterdir())
     except OSError:
         return False
-    if any(e.name != ".hydra" and e.suffix != ".log" for e in entries):
+    if any(e.name not in (".hydra", "run.lock") and e.suffix != ".log" for e in entries):
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
     if created is not None and run_dir.is_relative_to(created):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 INVOCATION = "METATRAIN_SWEEP_INVOCATION"
 OUTCOME = Path(".hydra") / "outcome.json"
+REFUSED = ".refused"
 
 
 def begin() -> None:
@@ -27,6 +28,16 @@ def record(cell: Path, status: str, user_error: bool = False) -> None:
         path.write_text(json.dumps(data | {"user_error": user_error}) + "\n")
 
 
+def record_refused(cell: Path, status: str) -> None:
+    """A cell refused because another process trains its directory: the outcome goes
+    beside the cell (SWEEP_DIR/.refused/), since the cell's own files are the holder's."""
+    mine = os.environ.get(INVOCATION)
+    path = Path(cell).parent / REFUSED / f"{Path(cell).name}.{mine}.json"
+    path.parent.mkdir(exist_ok=True)
+    data = {"invocation": mine, "status": f"failed: {status}", "user_error": True}
+    path.write_text(json.dumps(data | {"cell": Path(cell).name}) + "\n")
+
+
 def outcomes(sweep_dir: Path) -> dict[str, dict]:
     """{cell name: outcome} for the cells this invocation ran."""
     mine = os.environ.get(INVOCATION)
@@ -38,6 +49,12 @@ def outcomes(sweep_dir: Path) -> dict[str, dict]:
             continue
         if data.get("invocation") == mine:
             found[str(path.parent.parent.relative_to(sweep_dir))] = data
+    for path in sorted((Path(sweep_dir) / REFUSED).glob(f"*.{mine}.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        found[data["cell"]] = data  # over the holder's outcome, if it is of this invocation
     return found
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metatrain import checkpoint, header, interrupt, rng, threads
+from metatrain import checkpoint, header, interrupt, rng, run_lock, threads
 from metatrain.algorithms import build_learner, learner_class
 from metatrain.algorithms.inner import setup_device
 from metatrain.data.tasks import EpisodeSampler, FixedTasks
@@ -72,12 +72,21 @@ def _check_settings(cfg) -> None:
         raise MetatrainError(f"dataset.queries={cfg.dataset.queries}: evaluation needs queries")
 
 
-def train(cfg, run_dir: Path | None = None) -> dict:
+def train(cfg, run_dir: Path | None = None, rank: int = 0) -> dict:
+    """Train the run in `run_dir` (Hydra's output directory by default), resuming it
+    if it has a last.pt, and return its results. The run directory is locked first
+    (metatrain/run_lock.py) and stays locked until this returns or raises; `rank`:
+    a distributed run's process index, of which only rank 0 takes the lock."""
     run_dir = Path(run_dir) if run_dir else run_dir_of(cfg)
     if not is_writable_dir(run_dir):
         raise MetatrainError(
             f"cannot write to the output directory {run_dir}; choose another with hydra.run.dir=..."
         )
+    with run_lock.hold(run_dir, rank):  # before anything in run_dir is read or written
+        return _train(cfg, run_dir)
+
+
+def _train(cfg, run_dir: Path) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     last_path = ckpt_dir / "last.pt"
     results_path = run_dir / "results.json"
