@@ -185,8 +185,8 @@ def test_parallel_sweep_cells_do_not_block_each_other(omniglot_data, tmp_path):
 
 
 def test_a_sweep_cell_held_elsewhere_is_refused_and_reported(omniglot_data, tmp_path):
-    args = ["-m", "seed=0,1", *ARGS, f"hydra.sweep.dir={tmp_path}"]
-    held_cell = tmp_path / "seed=1"
+    args = ["-m", "seed=0,1", *ARGS, f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=s${seed}"]
+    held_cell = tmp_path / "s1"
     holder = hold_in_child(held_cell)
     try:
         out = run_cli(*args)
@@ -195,7 +195,7 @@ def test_a_sweep_cell_held_elsewhere_is_refused_and_reported(omniglot_data, tmp_
         holder.wait()
     assert out.returncode == 2, out.stderr[-3000:]
     line = out.stderr.strip().splitlines()[-1]
-    assert "1 of 2 cells did not finish (seed=1: failed: " in line, line
+    assert "1 of 2 cells did not finish (s1: failed: " in line, line
     assert f"is being trained by pid {holder.pid}" in line, line
-    assert (tmp_path / "seed=0" / "results.json").exists()
+    assert (tmp_path / "s0" / "results.json").exists()
     assert not (held_cell / "results.json").exists() and not (held_cell / "error.txt").exists()
