@@ -25,7 +25,9 @@ def pad_classes(per_class: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     """Stack classes of unequal sizes, each (n_c, C, H, W), into (classes, max n_c, C, H, W)
     with zero padding, and their counts (classes,)."""
     counts = torch.tensor([len(x) for x in per_class], dtype=torch.int64)
-    out = torch.zeros((len(per_class), int(counts.max()), *per_class[0].shape[1:]), dtype=torch.uint8)
+    out = torch.zeros(
+        (len(per_class), int(counts.max()), *per_class[0].shape[1:]), dtype=torch.uint8
+    )
     for c, x in enumerate(per_class):
         out[c, : len(x)] = x
     return out, counts

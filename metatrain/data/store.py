@@ -53,11 +53,11 @@ def memory_budget(device: torch.device) -> int:
     return budget
 
 
-def budget(mode, device: torch.device) -> int | None:
+def budget(mode, device) -> int | None:
     """Bytes of images that may be held in memory; None: no limit. Measured once, before
     loading, so that what the load itself takes is not counted against it."""
     mode = check_mode(mode)
-    return None if mode == "true" else 0 if mode == "false" else memory_budget(device)
+    return None if mode == "true" else 0 if mode == "false" else memory_budget(torch.device(device))
 
 
 def loading(limit: int | None):

@@ -41,9 +41,11 @@ class EpisodeSampler:
     ):
         classes, per_class = images.shape[:2]
         device = images.device if device is None else torch.device(device)
+        if counts is not None and (counts.shape != (classes,) or bool((counts > per_class).any())):
+            raise ValueError(f"counts {tuple(counts.shape)} do not fit images {images.shape}")
         # None: every class holds per_class images (the draw is then as it always was)
         self.counts = None if counts is None or bool((counts == per_class).all()) else counts
-        fewest = per_class if self.counts is None else int(self.counts.min(initial=per_class))
+        fewest = per_class if self.counts is None else int(self.counts.min())
         if ways < 2:
             raise MetatrainError(f"dataset.ways={ways}: a task needs at least 2 classes")
         if shots < 1:
