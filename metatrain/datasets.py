@@ -29,10 +29,12 @@ def load_splits(cfg, limit: int | None = None) -> FewShotSplits:
         return DATASETS.get(cfg.name).target(cfg, dataset_root(cfg))
 
 
-def load_placed(cfg, device: torch.device, names=("train", "val", "test")):
-    """The splits, and each named split's images placed as dataset.in_memory says
-    (data/store.py): {split: images in memory on `device`, or memory-mapped on CPU}."""
+def load_placed(cfg, device: torch.device, names=("train", "val", "test")) -> FewShotSplits:
+    """The named splits, their images placed as dataset.in_memory says (data/store.py): in
+    memory on `device`, or memory-mapped on CPU. Only the placed tensors are kept, so a split
+    a reader built in RAM and that was then mapped is freed."""
     limit = store.budget(getattr(cfg, "in_memory", "auto"), device)
     splits = load_splits(cfg, limit)
     scratch = cache_path(dataset_root(cfg), "store").parent
-    return splits, store.place(splits, limit, device, scratch, names)
+    splits.images = store.place(splits, limit, device, scratch, names)
+    return splits

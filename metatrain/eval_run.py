@@ -140,10 +140,10 @@ def evaluate_run(run_dir: Path, overrides: list[str], log=print) -> tuple[Path, 
     )
 
     d = cfg.dataset
-    splits, images = load_placed(d, device, names=(setup.split,))
+    splits = load_placed(d, device, names=(setup.split,))
     queries = cfg.eval.queries or d.queries
     sampler = EpisodeSampler(
-        images[setup.split], ways, d.shots, queries, d.mean, d.std, setup.split,
+        splits.images[setup.split], ways, d.shots, queries, d.mean, d.std, setup.split,
         counts=splits.counts.get(setup.split), device=device,
     )  # fmt: skip
     # The same task sets as training: validation seeded eval.seed, test eval.seed + 1.

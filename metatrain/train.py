@@ -111,7 +111,8 @@ def train(cfg, run_dir: Path | None = None) -> dict:
     torch.manual_seed(cfg.seed)
 
     ds = cfg.dataset
-    splits, images = load_placed(ds, device)  # in memory on `device`, or memory-mapped
+    splits = load_placed(ds, device)  # in memory on `device`, or memory-mapped
+    images = splits.images
     model = build_model(cfg, device)
     learner = build_learner(cfg, model, device)
     train_shots, train_queries = learner.train_shape(ds.shots, ds.queries)

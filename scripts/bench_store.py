@@ -85,6 +85,9 @@ def measure(path: Path, mode: str, seconds: float, meta_seconds: float, cold: bo
             n += 1
         return tasks * n / (time.perf_counter() - start), n
 
+    file_before = status_mb("RssFile")
+    sampler.sample(tasks, g)  # one batch: the file pages it brought into this process
+    first_batch_file_mb = status_mb("RssFile") - file_before
     sample_rate, n_sample = rate(lambda: sampler.sample(tasks, g), seconds)
     # the meta-step's activations raise the peak further, alike in both modes
     peak_sampling = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -102,6 +105,7 @@ def measure(path: Path, mode: str, seconds: float, meta_seconds: float, cold: bo
         "meta_steps": n_meta,
         "meta_batch": tasks,
         "rss_before_mb": round(rss_before),
+        "first_batch_rss_file_mb": round(first_batch_file_mb, 1),
         "peak_rss_sampling_mb": round(peak_sampling),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "rss_anon_mb_end": round(status_mb("RssAnon")),

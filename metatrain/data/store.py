@@ -118,7 +118,7 @@ def to_file(t: torch.Tensor, folder: Path) -> torch.Tensor:
             flat = t.view(-1)
             step = 1 << 26  # 64 MB at a time: no second copy of the split in memory
             for i in range(0, flat.numel(), step):
-                f.write(flat[i : i + step].numpy().tobytes())
+                f.write(flat[i : i + step].numpy())  # the buffer itself, not a copy
         mapped = torch.from_file(path, shared=False, size=t.numel(), dtype=t.dtype)
     finally:
         os.unlink(path)
