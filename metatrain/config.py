@@ -67,6 +67,9 @@ class DatasetConfig:
     channels: int = MISSING
     mean: list[float] = MISSING  # per-channel input normalisation, on the [0, 1] scale
     std: list[float] = MISSING
+    # auto: each split in memory while it fits half the available memory, else memory-mapped
+    # from its cache file (data/store.py); true: all in memory; false: all memory-mapped
+    in_memory: str = "auto"
 
 
 @dataclass

@@ -30,7 +30,7 @@ from metatrain import checkpoint
 from metatrain.algorithms import build_learner
 from metatrain.algorithms.inner import setup_device
 from metatrain.data.tasks import EpisodeSampler, FixedTasks
-from metatrain.datasets import load_splits
+from metatrain.datasets import load_placed
 from metatrain.errors import MetatrainError
 from metatrain.eval_config import EvalSetup, compose
 from metatrain.files import save_json
@@ -140,9 +140,12 @@ def evaluate_run(run_dir: Path, overrides: list[str], log=print) -> tuple[Path, 
     )
 
     d = cfg.dataset
-    images = load_splits(d).images[setup.split].to(device)
+    splits = load_placed(d, device, names=(setup.split,))
     queries = cfg.eval.queries or d.queries
-    sampler = EpisodeSampler(images, ways, d.shots, queries, d.mean, d.std, setup.split)
+    sampler = EpisodeSampler(
+        splits.images[setup.split], ways, d.shots, queries, d.mean, d.std, setup.split,
+        counts=splits.counts.get(setup.split), device=device,
+    )  # fmt: skip
     # The same task sets as training: validation seeded eval.seed, test eval.seed + 1.
     turn = getattr(d, "eval_rotation", False)
     if setup.split == "test":

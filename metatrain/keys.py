@@ -14,6 +14,7 @@ NON_MATH_KEYS = (
     "device",
     "sweep_name",
     "dataset.root",  # where the same images are read from
+    "dataset.in_memory",  # memory or memory-mapped: the same tasks (tested)
     "train.log_interval",
     "train.backend",  # loop and vmap agree to 1e-10 in float64 (tested)
     "train.vmap_chunk",

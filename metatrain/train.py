@@ -13,7 +13,7 @@ from metatrain import checkpoint, header, interrupt, rng, run_lock, threads
 from metatrain.algorithms import build_learner, learner_class
 from metatrain.algorithms.inner import setup_device
 from metatrain.data.tasks import EpisodeSampler, FixedTasks
-from metatrain.datasets import load_splits
+from metatrain.datasets import load_placed
 from metatrain.errors import DiskFull, MetatrainError
 from metatrain.evaluate import evaluate
 from metatrain.files import is_writable_dir, save_json
@@ -119,34 +119,32 @@ def _train(cfg, run_dir: Path) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    splits = load_splits(cfg.dataset)
     ds = cfg.dataset
+    splits = load_placed(ds, device)  # in memory on `device`, or memory-mapped
+    images = splits.images
     model = build_model(cfg, device)
     learner = build_learner(cfg, model, device)
     train_shots, train_queries = learner.train_shape(ds.shots, ds.queries)
-    images = {k: v.to(device) for k, v in splits.images.items()}
     eval_q = cfg.eval.queries or ds.queries  # queries per class of validation and test tasks
+
+    def sampler(split: str, shots: int, queries: int, **kw) -> EpisodeSampler:
+        return EpisodeSampler(
+            images[split], ds.ways, shots, queries, ds.mean, ds.std, split,
+            counts=splits.counts.get(split), device=device, **kw,
+        )  # fmt: skip
+
     samplers = {
-        "train": EpisodeSampler(
-            images["train"],
-            ds.ways,
-            train_shots,
-            train_queries,
-            ds.mean,
-            ds.std,
-            "train",
-            rotate=getattr(ds, "augment_rotation", False),
+        "train": sampler(
+            "train", train_shots, train_queries, rotate=getattr(ds, "augment_rotation", False)
         ),
-        "test": EpisodeSampler(images["test"], ds.ways, ds.shots, eval_q, ds.mean, ds.std, "test"),
+        "test": sampler("test", ds.shots, eval_q),
     }
     turn = getattr(ds, "eval_rotation", False)
     # A split with no validation classes (Reptile's authors train on all but the test
     # characters) has no validation and no best checkpoints: the last parameters are tested.
     val_tasks = None
     if images["val"].shape[0] > 0:
-        samplers["val"] = EpisodeSampler(
-            images["val"], ds.ways, ds.shots, eval_q, ds.mean, ds.std, "val"
-        )
+        samplers["val"] = sampler("val", ds.shots, eval_q)
         val_tasks = FixedTasks(samplers["val"], cfg.eval.val_tasks, cfg.eval.seed, turn)
     elif cfg.eval.test_from.value != "last":
         raise MetatrainError(

@@ -96,13 +96,18 @@ def test_folder_layout_matches_the_archive(official, tmp_path):
         assert torch.equal(a.images[s], b.images[s])
 
 
-def test_unequal_classes_keep_the_smallest_count(tmp_path):
+def test_unequal_classes_keep_every_image(tmp_path):
     short = cub.packaged("val")[7]
     root = write_cub(tmp_path / "cub", short=short, extracted=True)
-    with pytest.warns(UserWarning, match="first 2 images"):
-        data = cub.load_cub(root, 8, download=False)
-    assert data.images["val"].shape == (50, 2, 3, 8, 8)
-    assert data.images["train"].shape == (100, 3, 3, 8, 8)
+    data = cub.load_cub(root, 8, download=False)
+    assert data.images["val"].shape == (50, 3, 3, 8, 8)
+    assert data.counts["val"].tolist() == [3] * 7 + [2] + [3] * 42
+    assert data.counts["train"].tolist() == [3] * 100
+    names = all_classes()
+    for k in range(2):  # the short class's images, in image-id order
+        want = torch.tensor(colour(names.index(short), k), dtype=torch.float)
+        assert (data.images["val"][7, k, :, :, -1].float().mean(-1) - want).abs().max() <= 1
+    assert (data.images["val"][7, 2] == 0).all()  # its padding row
 
 
 def test_errors_are_one_line(official, tmp_path):

@@ -15,6 +15,7 @@ NON_MATH_OVERRIDES = {
     "device": "device=cpu",
     "sweep_name": "sweep_name=other",
     "dataset.root": "dataset.root=/elsewhere",
+    "dataset.in_memory": "dataset.in_memory=false",
     "train.log_interval": "train.log_interval=7",
     "train.backend": "train.backend=loop",
     "train.vmap_chunk": "train.vmap_chunk=2",

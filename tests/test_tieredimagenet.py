@@ -98,12 +98,16 @@ def test_layouts_agree_and_python2_pickles_load(tmp_path):
         assert png.classes[s] == npz.classes[s] == [f"class {s} {c}" for c in range(SIZES[s])]
 
 
-def test_unequal_classes_keep_the_smallest_count(tmp_path):
+def test_unequal_classes_keep_every_image(tmp_path):
     root = write_pickles(tmp_path / "t", "npz", per_class=3, short=5)
-    with pytest.warns(UserWarning, match="first 2 images"):
-        data = ti.load_tieredimagenet(root)
-    assert data.images["val"].shape == (97, 2, 3, 84, 84)
-    assert data.images["train"].shape == (351, 3, 3, 84, 84)
+    data = ti.load_tieredimagenet(root)
+    assert data.images["val"].shape == (97, 3, 3, 84, 84)
+    assert data.counts["val"].tolist() == counts("val", 3, 5)
+    assert data.counts["train"].tolist() == [3] * 351
+    for c in (4, 5, 6):  # the short class and its neighbours: every image in its own order
+        for k in range(data.counts["val"][c]):
+            assert data.images["val"][c, k, :, -1, -1].tolist() == list(rgb("val", c, k))
+    assert (data.images["val"][5, 2] == 0).all()  # the short class's padding row
 
 
 def one_line(fn, *fragments):

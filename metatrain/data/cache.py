@@ -3,8 +3,14 @@
 A cache sits beside the data it was built from. Data folders are often
 read-only (a shared mount), so then the cache goes under METATRAIN_CACHE or
 ~/.cache/metatrain instead, in a folder named after the data path.
+
+Inside `mapped_above(n)` a cache file larger than n bytes is opened with
+torch.load(mmap=True): its tensors stay backed by the file and are read page by page as
+they are indexed (data/store.py decides n from dataset.in_memory).
 """
 
+import contextlib
+import contextvars
 import hashlib
 import os
 from pathlib import Path
@@ -14,6 +20,16 @@ import torch
 from metatrain.files import is_writable_dir, save_torch
 
 CACHE_VERSION = 1
+_MAP_ABOVE: contextvars.ContextVar[int | None] = contextvars.ContextVar("map_above", default=None)
+
+
+@contextlib.contextmanager
+def mapped_above(n_bytes: int):
+    token = _MAP_ABOVE.set(n_bytes)
+    try:
+        yield
+    finally:
+        _MAP_ABOVE.reset(token)
 
 
 def cache_path(data_dir: Path, name: str) -> Path:
@@ -39,8 +55,10 @@ def load_cache(path: Path, expected_fingerprint) -> dict | None:
     path = Path(path)
     if not path.is_file():
         return None
+    limit = _MAP_ABOVE.get()
+    mmap = limit is not None and path.stat().st_size > limit
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # noqa: BLE001 - a truncated or foreign file is simply rebuilt
         return None
     if not isinstance(blob, dict) or blob.get("version") != CACHE_VERSION:

@@ -6,14 +6,13 @@ and dataset.download is on; a copy on disk is md5-checked too) or the folder `CU
 it extracts to: `images.txt` (id, path), `bounding_boxes.txt` (id, x, y, width, height) and
 `images/<class>/<name>.jpg`. With `bbox_crop` each image is first cut to its bounding box (as
 some few-shot papers do); either way it is then resized to image_size x image_size (bilinear,
-aspect ratio not kept). Species hold 41 to 60 images; every class of a split keeps the first n
-(by image id) where n is the split's smallest count, so that episodes are drawn by indexing.
+aspect ratio not kept). Species hold 41 to 60 images, all kept (in image-id order): a split is
+stored padded to its largest class with each class's count beside it (FewShotSplits.counts).
 The decoded images are cached once as `cub_{size}[_bbox].pt` (data/cache.py says where).
 """
 
 import io
 import tarfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 
 from metatrain.config import DatasetConfig
-from metatrain.data import FewShotSplits
+from metatrain.data import FewShotSplits, pad_classes
 from metatrain.data.cache import cache_path, fingerprint, load_cache, store_cache
 from metatrain.data.download import Remote, fetch
 from metatrain.errors import MetatrainError
@@ -73,7 +72,8 @@ def load_cub(root, size: int = 84, bbox_crop: bool = False, download: bool = Tru
             f"CUB-200-2011 not found in {root} (want {TGZ} or its folder {FOLDER}/); download "
             f"{ARCHIVE.url} there, set dataset.download=true, or set dataset.root"
         )
-    fp = fingerprint(files) + [("image_size", size, int(bbox_crop))]
+    # ("classes", 1, 0): padded splits with counts (caches from before kept the smallest count)
+    fp = fingerprint(files) + [("image_size", size, int(bbox_crop)), ("classes", 1, 0)]
     path = cache_path(root, f"cub_{size}{'_bbox' if bbox_crop else ''}.pt")
     blob = load_cache(path, fp)
     if blob is None:
@@ -81,7 +81,9 @@ def load_cub(root, size: int = 84, bbox_crop: bool = False, download: bool = Tru
         blob = {s: t for s, t in _build(source, size, bbox_crop).items()}
         store_cache(path, fp, **blob)
     return FewShotSplits(
-        images={s: blob[s] for s in SPLITS}, classes={s: packaged(s) for s in SPLITS}
+        images={s: blob[s] for s in SPLITS},
+        classes={s: packaged(s) for s in SPLITS},
+        counts={s: blob[f"{s}_counts"] for s in SPLITS},
     )
 
 
@@ -157,11 +159,9 @@ def _build(source: Path, size: int, bbox_crop: bool) -> dict[str, torch.Tensor]:
                 f"CUB {s}: {len(missing)} classes of the split missing from {source} "
                 f"({', '.join(missing[:3])}); re-download {ARCHIVE.url}"
             )
-        n = min(len(by_class[c]) for c in classes)
-        if n < 2:
+        if min(len(by_class[c]) for c in classes) < 2:
             raise MetatrainError(f"CUB {s}: a class holds fewer than 2 images; re-download it")
-        if max(len(by_class[c]) for c in classes) != n:
-            warnings.warn(f"CUB {s}: using the first {n} images of each class", stacklevel=3)
-        stack = np.stack([np.stack(by_class[c][:n]) for c in classes])  # (classes, n, H, W, C)
-        out[s] = torch.from_numpy(stack).permute(0, 1, 4, 2, 3).contiguous()  # (.., C, H, W)
+        # each class (n_c, H, W, C) -> (n_c, C, H, W), then padded: (classes, max n_c, C, H, W)
+        per_class = [torch.from_numpy(np.stack(by_class[c])).permute(0, 3, 1, 2) for c in classes]
+        out[s], out[f"{s}_counts"] = pad_classes(per_class)
     return out

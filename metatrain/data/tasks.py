@@ -1,10 +1,13 @@
 """N-way K-shot episodes drawn by tensor indexing from class-major images.
 
-Images stay uint8 on the training device, shaped (classes, per_class, C, H, W).
-A task picks `ways` classes and, within each, shots + queries distinct images;
-the task's label j is its j-th randomly drawn class, so labels are permuted
+Images are uint8, shaped (classes, per_class, C, H, W): in memory on the training
+device, or a memory-mapped CPU tensor (data/store.py), from which a task batch's
+images are gathered on CPU (into pinned memory on CUDA) and copied over without
+blocking. A task picks `ways` classes and, within each, shots + queries distinct
+images, uniformly among that class's own `counts[c]` images where classes differ in
+size; the task's label j is its j-th randomly drawn class, so labels are permuted
 per task. Evaluation task sets are drawn once from a seeded CPU generator, so
-they are the same on every device, for every algorithm and run.
+they are the same on every device and store, for every algorithm and run.
 
 With `rotate` (MAML++'s Omniglot augmentation), `sample` turns each class of a
 task by its own random multiple of 90 degrees, the same for all of that class's
@@ -33,8 +36,16 @@ class EpisodeSampler:
         std: list[float],
         split: str = "train",
         rotate: bool = False,
+        counts: torch.Tensor | None = None,
+        device: torch.device | None = None,
     ):
         classes, per_class = images.shape[:2]
+        device = images.device if device is None else torch.device(device)
+        if counts is not None and (counts.shape != (classes,) or bool((counts > per_class).any())):
+            raise ValueError(f"counts {tuple(counts.shape)} do not fit images {images.shape}")
+        # None: every class holds per_class images (the draw is then as it always was)
+        self.counts = None if counts is None or bool((counts == per_class).all()) else counts
+        fewest = per_class if self.counts is None else int(self.counts.min())
         if ways < 2:
             raise MetatrainError(f"dataset.ways={ways}: a task needs at least 2 classes")
         if shots < 1:
@@ -47,28 +58,33 @@ class EpisodeSampler:
             raise MetatrainError(
                 f"dataset.ways={ways} exceeds the {classes} classes of the {split} split; lower it"
             )
-        if shots + queries > per_class:
+        if shots + queries > fewest:
+            each = "per class" if self.counts is None else "in its smallest class"
             raise MetatrainError(
-                f"shots + queries = {shots + queries} exceeds the {per_class} images per class "
+                f"shots + queries = {shots + queries} exceeds the {fewest} images {each} "
                 f"of the {split} split; lower dataset.shots or dataset.queries"
             )
         self.images, self.ways, self.shots, self.queries = images, ways, shots, queries
-        self.rotate = rotate
+        self.device, self.rotate = device, rotate
+        # a mapped store is on CPU: for another device a batch is gathered there, then moved
+        self.mapped = images.device.type == "cpu" and device.type != "cpu"
+        if self.counts is not None:
+            self.counts = self.counts.to(device)
         h, w = images.shape[-2:]
         if rotate and h != w:
             raise MetatrainError(
                 f"dataset.augment_rotation needs square images, not {h}x{w}; switch it off"
             )
         # out.flatten()[p] = img.flatten()[index[k, p]] is torch.rot90(img, k): (4, H*W)
-        grid = torch.arange(h * w, device=images.device).view(h, w)
+        grid = torch.arange(h * w, device=device).view(h, w)
         self.rot_index = torch.stack([torch.rot90(grid, k).reshape(-1) for k in range(4)])
         c = images.shape[2]
         if len(mean) != c or len(std) != c:
             raise MetatrainError(f"dataset.mean and dataset.std need {c} values, one per channel")
         # Normalisation as one fused multiply-add on the uint8 batch: x * scale + shift.
-        std_t = torch.tensor(std, device=images.device)
+        std_t = torch.tensor(std, device=device)
         self.scale = (1.0 / (255.0 * std_t)).view(c, 1, 1)
-        self.shift = (-torch.tensor(mean, device=images.device) / std_t).view(c, 1, 1)
+        self.shift = (-torch.tensor(mean, device=device) / std_t).view(c, 1, 1)
 
     def draw(self, tasks: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Class ids (tasks, ways) and image ids (tasks, ways, shots + queries)."""
@@ -77,6 +93,11 @@ class EpisodeSampler:
         # top-k of uniform noise is a uniformly random subset without replacement
         cls = torch.rand(tasks, classes, generator=generator, device=dev).topk(self.ways).indices
         noise = torch.rand(tasks, self.ways, per_class, generator=generator, device=dev)
+        if self.counts is not None:
+            # a class's padding rows get noise -1 < every real key: never among the top k
+            count = self.counts.to(dev)[cls]  # (tasks, ways)
+            pad = torch.arange(per_class, device=dev) >= count[..., None]
+            noise = noise.masked_fill(pad, -1.0)
         ids = noise.topk(self.shots + self.queries).indices
         return cls, ids
 
@@ -89,9 +110,12 @@ class EpisodeSampler:
     ) -> TaskBatch:
         """The task batch of class ids `cls`, image ids `ids` and optional quarter
         turns `rot` (tasks, ways), each applied to all of that class's images."""
-        cls, ids = cls.to(self.images.device), ids.to(self.images.device)
         tasks, ways, n = ids.shape
-        x = self.images[cls[..., None], ids]  # (tasks, ways, shots+queries, C, H, W) uint8
+        if self.mapped:
+            x = self._read(cls, ids)
+        else:
+            cls, ids = cls.to(self.device), ids.to(self.device)
+            x = self.images[cls[..., None], ids]  # (tasks, ways, shots+queries, C, H, W) uint8
         if rot is not None:
             flat = x.flatten(-2)  # (tasks, ways, n, C, H*W)
             index = self.rot_index[rot.to(x.device)]  # (tasks, ways, H*W)
@@ -107,6 +131,17 @@ class EpisodeSampler:
             xq=x[:, :, s:].reshape(tasks, ways * (n - s), *img),
             yq=labels[:, :, s:].reshape(tasks, ways * (n - s)),
         )
+
+    def _read(self, cls: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The task batch's images from the mapped store: only their pages are read."""
+        classes, per_class = self.images.shape[:2]
+        rows = (cls.cpu()[..., None] * per_class + ids.cpu()).flatten()  # (tasks*ways*n,)
+        flat = self.images.view(classes * per_class, *self.images.shape[2:])  # (rows, C, H, W)
+        pin = self.device.type == "cuda"
+        out = torch.empty((len(rows), *flat.shape[1:]), dtype=flat.dtype, pin_memory=pin)
+        torch.index_select(flat, 0, rows, out=out)
+        # from pinned memory the copy is asynchronous; torch keeps `out` alive until it ends
+        return out.to(self.device, non_blocking=pin).view(*ids.shape, *flat.shape[1:])
 
     def sample(self, tasks: int, generator: torch.Generator) -> TaskBatch:
         """Meta-training tasks, rotated per class when `rotate` is on."""

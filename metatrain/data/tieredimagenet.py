@@ -13,14 +13,14 @@ Read from any of the distributions in circulation under `root`:
 
 `layout=auto` picks png, else npz, else folders. The folders layout is checked against the
 packaged class lists; the pickled ones name classes by their `label_specific_str` (English
-names, not wnids), so there the class counts are checked. Classes hold 732 to 1300 images;
-each split keeps the first n of every class (n its smallest count) so that episodes are drawn
-by indexing. The decoded images are cached once (data/cache.py says where).
+names, not wnids), so there the class counts are checked. Classes hold 732 to 1300 images, all
+kept: a split is stored padded to its largest class with each class's count beside it
+(FewShotSplits.counts). The decoded images are cached once (data/cache.py says where); a cache
+larger than the memory budget is read memory-mapped (data/store.py, dataset.in_memory).
 """
 
 import csv
 import io
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +106,8 @@ def load_tieredimagenet(root, size: int = SIZE, layout: str = "auto") -> FewShot
                 if not (root / name).is_file():
                     raise MetatrainError(f"{layout} layout: no {root / name}; {HELP}")
                 files.append(root / name)
-    fp = fingerprint(files) + [("tieredimagenet", size, 1)]
+    # ("classes", 1, 0): padded splits with counts (caches from before kept the smallest count)
+    fp = fingerprint(files) + [("tieredimagenet", size, 1), ("classes", 1, 0)]
     path = cache_path(root, f"tieredimagenet_{layout}_{size}.pt")
     blob = load_cache(path, fp)
     if blob is None:
@@ -114,33 +115,32 @@ def load_tieredimagenet(root, size: int = SIZE, layout: str = "auto") -> FewShot
         blob = {}
         for s in SPLITS:
             if layout == "folders":
-                blob[s], blob[f"{s}_names"] = _from_folders(listed[s], s, size)
+                blob[s], blob[f"{s}_counts"], blob[f"{s}_names"] = _from_folders(listed[s], s, size)
             else:
-                blob[s], blob[f"{s}_names"] = _from_pickles(root, s, layout, size)
+                split = _from_pickles(root, s, layout, size)
+                blob[s], blob[f"{s}_counts"], blob[f"{s}_names"] = split
         store_cache(path, fp, **blob)
     return FewShotSplits(
-        images={s: blob[s] for s in SPLITS}, classes={s: list(blob[f"{s}_names"]) for s in SPLITS}
+        images={s: blob[s] for s in SPLITS},
+        classes={s: list(blob[f"{s}_names"]) for s in SPLITS},
+        counts={s: blob[f"{s}_counts"] for s in SPLITS},
     )
 
 
-def _equal_count(split: str, counts: list[int]) -> int:
-    n = min(counts)
-    if n < 2:
+def _padded(split: str, counts: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeros (classes, largest count, 3, size, size) to fill, and the counts (classes,)."""
+    if min(counts) < 2:
         raise MetatrainError(f"tieredImageNet {split}: a class holds fewer than 2 images")
-    if max(counts) != n:
-        warnings.warn(
-            f"tieredImageNet {split}: using the first {n} images of each class", stacklevel=4
-        )
-    return n
+    out = torch.zeros((len(counts), max(counts), 3, size, size), dtype=torch.uint8)
+    return out, torch.tensor(counts, dtype=torch.int64)
 
 
 def _from_folders(by_class: dict, split: str, size: int):
-    n = _equal_count(split, [len(v) for v in by_class.values()])
-    out = torch.empty((len(by_class), n, 3, size, size), dtype=torch.uint8)  # (classes, n, C, H, W)
+    out, counts = _padded(split, [len(v) for v in by_class.values()], size)
     for i, paths in enumerate(by_class.values()):
-        for j, p in enumerate(paths[:n]):
+        for j, p in enumerate(paths):
             out[i, j] = torch.from_numpy(_read_image(p, size)).permute(2, 0, 1)
-    return out, list(by_class)
+    return out, counts, list(by_class)
 
 
 def _unpickle(path: Path):
@@ -194,10 +194,9 @@ def _from_pickles(root: Path, split: str, layout: str, size: int):
             "re-download both"
         )
     rows = [np.flatnonzero(labels == c) for c in range(len(names))]  # each class's images
-    n = _equal_count(split, [len(r) for r in rows])
-    out = torch.empty((len(names), n, 3, size, size), dtype=torch.uint8)  # (classes, n, C, H, W)
+    out, counts = _padded(split, [len(r) for r in rows], size)  # (classes, max n, C, H, W)
     for c, idx in enumerate(rows):
-        for j, k in enumerate(idx[:n]):
+        for j, k in enumerate(idx):
             if layout == "png":
                 im = _png(images[k], root / f"{split}_images_png.pkl", size)
             else:
@@ -205,7 +204,7 @@ def _from_pickles(root: Path, split: str, layout: str, size: int):
                 if size != SIZE:
                     im = np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR))
             out[c, j] = torch.from_numpy(im).permute(2, 0, 1)  # (3, size, size)
-    return out, names
+    return out, counts, names
 
 
 def _png(encoded, where: Path, size: int) -> np.ndarray:
