@@ -19,7 +19,8 @@ from metatrain.algorithms.inner import (
 )
 from metatrain.algorithms.maml import Maml
 from metatrain.config import Backend
-from metatrain.models.conv4 import Conv3x3, Conv4, conv_block, to_channels_last
+from metatrain.models.conv4 import Conv4
+from metatrain.models.kernels import Conv3x3, conv_block, to_channels_last
 from metatrain.models.norm import BatchStats, batch_norm
 from tests.conftest import maml_cfg, random_tasks, train_cfg
 

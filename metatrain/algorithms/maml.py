@@ -45,7 +45,7 @@ from metatrain.algorithms.rates import InnerRates
 from metatrain.algorithms.recompute import accumulate_grads, recomputed_task
 from metatrain.config import AlgorithmConfig
 from metatrain.errors import MetatrainError
-from metatrain.models.conv4 import to_channels_last
+from metatrain.models.kernels import to_channels_last
 from metatrain.models.task_groups import supports
 from metatrain.naming import bn_eval_mode
 from metatrain.registry import LEARNERS

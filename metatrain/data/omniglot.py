@@ -239,6 +239,7 @@ class OmniglotConfig(DatasetConfig):
     channels: int = 1
     mean: list[float] = field(default_factory=lambda: [0.0])
     std: list[float] = field(default_factory=lambda: [1.0])
+    queries: int = 1  # MAML's and MAML++'s 1-shot value; Omniglot has 20 drawings per class
     download: bool = True
     rotations: bool = True  # 90/180/270 degree rotations as new meta-training classes
     # Each class of a meta-training task turned by a random multiple of 90 degrees,

@@ -85,7 +85,7 @@ def batch_norm(
     to fold into running averages outside any transform.
     """
     # Kept in its plain form (autograd of mean/var): the reference that the fused
-    # block in conv4.py is tested against.
+    # block in kernels.py is tested against.
     batch_mean = x.mean(dim=(0, 2, 3))
     batch_var = x.var(dim=(0, 2, 3), unbiased=False)
     if mean is None:

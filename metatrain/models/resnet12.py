@@ -23,7 +23,7 @@ from torch import nn
 
 from metatrain.config import ModelConfig
 from metatrain.models.backbone import Backbone, step_row
-from metatrain.models.conv4 import conv3x3
+from metatrain.models.kernels import conv3x3
 from metatrain.models.norm import EPS, batch_stats
 from metatrain.registry import BACKBONES
 

@@ -15,7 +15,8 @@ Parameters are stacked per task: {name: (T, *shape)}.
 import torch
 import torch.nn.functional as F
 
-from metatrain.models.conv4 import BLOCKS, Conv4, conv_block
+from metatrain.models.conv4 import BLOCKS, Conv4
+from metatrain.models.kernels import conv_block
 
 
 def supports(model) -> bool:
