@@ -138,7 +138,8 @@ def test_presets_compose_and_switch_on(name):
 @pytest.mark.parametrize(
     ("preset", "label", "paper"),
     [
-        ("anil_omniglot_20w1s", "anil", "96.2 ± 0.5"),
+        # ANIL's published rows were dropped from summarize: no checked source
+        ("anil_omniglot_20w1s", "anil", None),
         ("metasgd_miniimagenet_5w1s", "metasgd", "50.47 ± 1.87"),
     ],
 )
