@@ -104,7 +104,10 @@ def _train(cfg, run_dir: Path) -> dict:
     if results_path.exists():
         results = checkpoint.finished_results(results_path, fingerprint)
         console.print(f"[green]{run_dir} is finished; its results.json stands")
-        console.print(f"[bold green]{describe(results['test'])}\nresults: {results_path}")
+        test = results.get("test") or {}
+        # results.json files written before the single/ensemble block show their headline
+        shown = describe(test) if "single" in test else f"test accuracy: {test.get('acc')}"
+        console.print(f"[bold green]{shown}\nresults: {results_path}")
         return results
     resume = checkpoint.load(last_path) if last_path.exists() else None
     if resume is not None:
