@@ -243,20 +243,23 @@ class Reptile(MetaLearner):
         w = {k: t.detach() for k, t in w.items()}
         return w, mv, stats.mean(0), (first, first_labels)
 
-    def _carried_tasks(self, phi, xs, ys, serial: bool, eps: float):
-        """Meta-training tasks one after another, each starting where the previous
-        task left the inner Adam (inner_state=carry); with `serial`, phi moves after
-        each task as well. Returns phi's update target, the tasks' statistics and the
-        first-minibatch logits and labels."""
-        state = self.net["adam"]
+    def _tasks_in_turn(self, phi, xs, ys, serial: bool, eps: float):
+        """Meta-training tasks one after another: with `serial` (Algorithm 1) phi moves
+        after each task and the next starts there; under inner_state=carry each task's
+        inner Adam starts where the previous task left it. Returns phi (moved only
+        under `serial`), every task's W (tasks, *shape), the tasks' statistics
+        (tasks, iters, blocks, 2, C) and the first-minibatch logits and labels."""
+        state = self.net["adam"] if self.carry else None
         ws, stats, firsts = [], [], []
         for t in range(xs.shape[0]):
+            start = state.get() if state is not None else None
             w, (m, v), s, first = self._train_tasks(
                 phi, xs[t : t + 1], ys[t : t + 1], self.cfg.inner_iters, self.cfg.inner_batch,
-                self.generator, state.get(),
+                self.generator, start,
             )  # fmt: skip
-            state.set({k: x[0] for k, x in m.items()}, {k: x[0] for k, x in v.items()},
-                      state.get()[2] + self.cfg.inner_iters)  # fmt: skip
+            if state is not None:
+                state.set({k: x[0] for k, x in m.items()}, {k: x[0] for k, x in v.items()},
+                          start[2] + self.cfg.inner_iters)  # fmt: skip
             if serial:
                 phi = {n: phi[n] + eps * (w[n][0] - phi[n]) for n in phi}
             ws.append(w)
@@ -271,35 +274,19 @@ class Reptile(MetaLearner):
         params = self.model.params()
         phi = {n: p.detach() for n, p in params.items()}
         eps = self.meta_step_size(iteration)
-        if self.carry:
-            phi_serial, w, stats, first = self._carried_tasks(
+        if self.carry or self.cfg.serial:
+            moved, w, stats, first = self._tasks_in_turn(
                 phi, batch.xs, batch.ys, self.cfg.serial, eps
             )
             if self.cfg.serial:
-                phi = phi_serial
+                phi = moved
                 for s in stats:  # (iters, blocks, 2, C) per task, in order
                     self.model.update_running_stats(s.mean(0, keepdim=True))
-            else:
+            else:  # Algorithm 2 over tasks run in turn (carried Adam)
                 phi = {n: phi[n] + eps * (w[n].mean(0) - phi[n]) for n in phi}
                 self.model.update_running_stats(stats.mean(0).mean(0, keepdim=True))
-        elif self.cfg.serial:
-            # Algorithm 1: move phi after each task, the next task starting there.
-            firsts = []
-            for t in range(len(batch)):
-                w, _, stats, first = self._train_tasks(
-                    phi,
-                    batch.xs[t : t + 1],
-                    batch.ys[t : t + 1],
-                    self.cfg.inner_iters,
-                    self.cfg.inner_batch,
-                    self.generator,
-                )
-                phi = {n: phi[n] + eps * (w[n][0] - phi[n]) for n in phi}
-                self.model.update_running_stats(stats.mean(0, keepdim=True))
-                firsts.append(first)
-            first = tuple(torch.cat(parts) for parts in zip(*firsts))
         else:
-            # Algorithm 2: the mean of the tasks' displacements.
+            # Algorithm 2: the mean of the tasks' displacements, tasks batched.
             w, _, stats, first = self._train_tasks(
                 phi, batch.xs, batch.ys, self.cfg.inner_iters, self.cfg.inner_batch, self.generator
             )
