@@ -9,6 +9,14 @@ class MetatrainError(Exception):
     checkpoint). The CLI prints its message as one line and exits with code 2."""
 
 
+def at_least_one(counts: dict) -> None:
+    """Refuse the first of the counts {config key: value} (tasks, steps, iterations)
+    that is below 1; a value of None is a key the learner does not have."""
+    for key, value in counts.items():
+        if value is not None and value < 1:
+            raise MetatrainError(f"{key}={value} must be at least 1")
+
+
 # errno values that mean the disk (or the user's quota) is full.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metatrain.config import Config
-from metatrain.errors import MetatrainError
+from metatrain.errors import MetatrainError, at_least_one
 from metatrain.keys import is_eval_key, is_non_math
 
 SPLITS = ("test", "val")
@@ -130,12 +130,9 @@ def _check_protocol(trained, cfg, keys: list[str]) -> None:
             f"dataset.ways={m} exceeds the {n} output units the head was trained with; "
             f"test with at most {n} ways (fewer ways use the first of the {n} units)"
         )
-    for key in ("eval.test_tasks", "eval.val_tasks", "eval.batch", "dataset.queries"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise MetatrainError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1")
+    keys = ("eval.test_tasks", "eval.val_tasks", "eval.batch", "dataset.queries")
+    at_least_one({key: OmegaConf.select(cfg, key) for key in keys})
     if cfg.eval.queries < 0:
         raise MetatrainError(f"eval.queries={cfg.eval.queries} must not be negative")
-    for key in ("algorithm.eval_steps", "algorithm.eval_iters", "algorithm.eval_batch"):
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and value < 1:
-            raise MetatrainError(f"{key}={value} must be at least 1")
+    keys = ("algorithm.eval_steps", "algorithm.eval_iters", "algorithm.eval_batch")
+    at_least_one({key: OmegaConf.select(cfg, key, default=None) for key in keys})

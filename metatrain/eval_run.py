@@ -29,13 +29,13 @@ import yaml
 from metatrain import checkpoint
 from metatrain.algorithms import build_learner
 from metatrain.algorithms.inner import setup_device
-from metatrain.data.tasks import EpisodeSampler, FixedTasks
 from metatrain.datasets import load_placed
 from metatrain.errors import MetatrainError
 from metatrain.eval_config import EvalSetup, compose
 from metatrain.files import save_json
 from metatrain.meta_test import load_members, test_block
 from metatrain.naming import algorithm_label, bn_eval_mode
+from metatrain.task_sets import eval_tasks
 
 HEAD_KEYS = ("model.head_weight", "model.head_bias")  # in learner.net's state dict
 # Reptile's carried inner Adam keeps moments of the head's tensors too (AdamState).
@@ -141,17 +141,12 @@ def evaluate_run(run_dir: Path, overrides: list[str], log=print) -> tuple[Path, 
 
     d = cfg.dataset
     splits = load_placed(d, device, names=(setup.split,))
-    queries = cfg.eval.queries or d.queries
-    sampler = EpisodeSampler(
-        splits.images[setup.split], ways, d.shots, queries, d.mean, d.std, setup.split,
-        counts=splits.counts.get(setup.split), device=device,
-    )  # fmt: skip
-    # The same task sets as training: validation seeded eval.seed, test eval.seed + 1.
-    turn = getattr(d, "eval_rotation", False)
-    if setup.split == "test":
-        tasks = FixedTasks(sampler, cfg.eval.test_tasks, cfg.eval.seed + 1, turn)
-    else:
-        tasks = FixedTasks(sampler, cfg.eval.val_tasks, cfg.eval.seed, turn)
+    tasks = eval_tasks(cfg, splits, setup.split, device)  # the task set training used for the split
+    if tasks is None:
+        raise MetatrainError(
+            "this run's dataset split has no validation classes: evaluate its test split "
+            "(leave out eval.split=val)"
+        )
     block = test_block(
         learner, tasks, cfg.eval.batch, best, members,
         cfg.eval.test_from.value, bn_eval_mode(cfg.model.bn_eval),

@@ -12,9 +12,8 @@ import torch
 from metatrain import checkpoint, header, interrupt, rng, run_lock, threads
 from metatrain.algorithms import build_learner, learner_class
 from metatrain.algorithms.inner import setup_device
-from metatrain.data.tasks import EpisodeSampler, FixedTasks
 from metatrain.datasets import load_placed
-from metatrain.errors import DiskFull, MetatrainError
+from metatrain.errors import DiskFull, MetatrainError, at_least_one
 from metatrain.evaluate import evaluate
 from metatrain.files import is_writable_dir, save_json
 from metatrain.inert import inert_settings
@@ -23,6 +22,7 @@ from metatrain.meta_test import describe, load_members, summary_metrics, test_bl
 from metatrain.models import build_model
 from metatrain.naming import algorithm_label, bn_eval_mode
 from metatrain.nonfinite import NonFiniteGuard
+from metatrain.task_sets import task_sets
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,9 +63,7 @@ def _check_settings(cfg) -> None:
         "eval.batch": cfg.eval.batch,
     }
     positive.update({f"algorithm.{k}": a[k] for k in learner_class(a.name).positive_keys})
-    for key, value in positive.items():
-        if value < 1:
-            raise MetatrainError(f"{key}={value} must be at least 1")
+    at_least_one(positive)
     if cfg.eval.queries < 0:
         raise MetatrainError(f"eval.queries={cfg.eval.queries} must not be negative")
     if (cfg.eval.queries or cfg.dataset.queries) < 1:
@@ -124,37 +122,12 @@ def _train(cfg, run_dir: Path) -> dict:
 
     ds = cfg.dataset
     splits = load_placed(ds, device)  # in memory on `device`, or memory-mapped
-    images = splits.images
     model = build_model(cfg, device)
     learner = build_learner(cfg, model, device)
     train_shots, train_queries = learner.train_shape(ds.shots, ds.queries)
-    eval_q = cfg.eval.queries or ds.queries  # queries per class of validation and test tasks
-
-    def sampler(split: str, shots: int, queries: int, **kw) -> EpisodeSampler:
-        return EpisodeSampler(
-            images[split], ds.ways, shots, queries, ds.mean, ds.std, split,
-            counts=splits.counts.get(split), device=device, **kw,
-        )  # fmt: skip
-
-    samplers = {
-        "train": sampler(
-            "train", train_shots, train_queries, rotate=getattr(ds, "augment_rotation", False)
-        ),
-        "test": sampler("test", ds.shots, eval_q),
-    }
-    turn = getattr(ds, "eval_rotation", False)
-    # A split with no validation classes (Reptile's authors train on all but the test
-    # characters) has no validation and no best checkpoints: the last parameters are tested.
-    val_tasks = None
-    if images["val"].shape[0] > 0:
-        samplers["val"] = sampler("val", ds.shots, eval_q)
-        val_tasks = FixedTasks(samplers["val"], cfg.eval.val_tasks, cfg.eval.seed, turn)
-    elif cfg.eval.test_from.value != "last":
-        raise MetatrainError(
-            "this dataset split has no validation classes, so there is no best checkpoint "
-            "to test: set eval.test_from=last (or give the split validation classes)"
-        )
-    test_tasks = FixedTasks(samplers["test"], cfg.eval.test_tasks, cfg.eval.seed + 1, turn)
+    train_sampler, val_tasks, test_tasks = task_sets(
+        cfg, splits, device, train_shots, train_queries
+    )
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     start, wall, best = 0, 0.0, []  # best: [(val acc, iteration, file name)], best first
@@ -206,7 +179,7 @@ def _train(cfg, run_dir: Path) -> dict:
     try:
         with interrupt.deferred(start):
             for it in range(start, t.iterations):
-                batch = samplers["train"].sample(cfg.algorithm.meta_batch, generator)
+                batch = train_sampler.sample(cfg.algorithm.meta_batch, generator)
                 metrics = guard.step(batch, it)  # None: a non-finite step, undone
                 if metrics is not None:
                     # Sum on device; .item() only at log time: no sync per iteration.
