@@ -77,7 +77,17 @@ class ModelConfig:
     """What every backbone's schema has (models/<name>.py extends it)."""
 
     name: str = MISSING
+    # The test protocol's normalisation: batch statistics of the query set, each query
+    # with the support set alone, or running statistics. Learners and result records
+    # read it for every backbone; where a backbone keeps no batch statistics the
+    # modes agree.
     bn_eval: BNEval = BNEval.transductive
+
+
+@dataclass
+class BatchNormConfig(ModelConfig):
+    """What a batch-norm backbone's schema adds (models/backbone.BatchNormBackbone)."""
+
     bn_momentum: float = 0.1
     bn_eps: float = 1e-5  # added to the variance before dividing (TF's batch norm: 1e-3)
 

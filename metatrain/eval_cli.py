@@ -20,6 +20,8 @@ W&B files are left as they are.
 
 Keys it accepts:
   {protocol}
+the keys of the run's algorithm:
+{learners}
 and, as in training, keys that do not change the maths:
   {other}
 """
@@ -32,8 +34,15 @@ def _fail(message: str) -> None:
 
 def usage() -> str:
     from metatrain.keys import EVAL_PROTOCOL_KEYS, NON_MATH_KEYS
+    from metatrain.registry import LEARNERS  # each learner declares its own (eval_keys)
 
-    return USAGE.format(protocol=" ".join(EVAL_PROTOCOL_KEYS), other=" ".join(NON_MATH_KEYS))
+    learners = "\n".join(
+        f"  {e.name}: " + " ".join(f"algorithm.{k}" for k in e.target.eval_keys)
+        for e in LEARNERS.entries()
+    )
+    return USAGE.format(
+        protocol=" ".join(EVAL_PROTOCOL_KEYS), learners=learners, other=" ".join(NON_MATH_KEYS)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,8 +4,9 @@ The run's config is the one its checkpoint was trained under (the fingerprint
 stored in last.pt, which also names the keys Hydra's .hydra/config.yaml holds
 beside it), rebuilt on the typed schemas of metatrain/config.py so values are
 checked as at training. Overrides use Hydra's syntax and parser; only the keys
-in EVAL_KEYS (metatrain/keys.py) may change, since any other would describe a network other than
-the one trained.
+in EVAL_KEYS (metatrain/keys.py) and the algorithm keys the run's learner declares
+(MetaLearner.eval_keys) may change, since any other would describe a network other
+than the one trained.
 """
 
 import difflib
@@ -66,17 +67,25 @@ def _leaf_keys(node, prefix: str = "") -> list[str]:
     return out
 
 
+def learner_eval_keys(cfg) -> tuple[str, ...]:
+    """The algorithm keys (dotted) that the run's learner lets metatrain-eval set."""
+    from metatrain.algorithms import learner_class  # torch-heavy: after the parsing
+
+    return tuple(f"algorithm.{k}" for k in learner_class(cfg.algorithm.name).eval_keys)
+
+
 def _check_key(cfg, key: str) -> None:
     if key == "eval.split":
         return
+    extra = learner_eval_keys(cfg)
     if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
         # Keys metatrain-eval accepts first: eval.test_task means eval.test_tasks.
-        known = ["eval.split"] + [k for k in _leaf_keys(cfg) if is_eval_key(k)]
+        known = ["eval.split"] + [k for k in _leaf_keys(cfg) if is_eval_key(k, extra)]
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         close = close or difflib.get_close_matches(key, _leaf_keys(cfg), n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]}?" if close else "; see metatrain-eval --help"
         raise MetatrainError(f"{key} is not a key of this run's config{hint}")
-    if not is_eval_key(key):
+    if not is_eval_key(key, extra):
         raise MetatrainError(
             f"{key} changes what was trained, so metatrain-eval cannot set it; "
             f"train another run with it (metatrain ... {key}=...)"
@@ -118,12 +127,10 @@ def compose(saved: dict, overrides: list[str]) -> EvalSetup:
 
 def _check_protocol(trained, cfg, keys: list[str]) -> None:
     """Refuse protocols the trained network cannot run."""
-    a = trained.algorithm
-    if "algorithm.inner_lr" in keys and a.name == "maml" and a.lslr:
-        raise MetatrainError(
-            "algorithm.inner_lr was learned per layer and step (algorithm.lslr=true); "
-            "the learned rates are used at test, so it cannot be set"
-        )
+    from metatrain.algorithms import learner_class
+
+    learner = learner_class(trained.algorithm.name)
+    learner.check_eval(trained.algorithm, keys)
     n, m = trained.dataset.ways, cfg.dataset.ways
     if m > n:
         raise MetatrainError(
@@ -134,5 +141,6 @@ def _check_protocol(trained, cfg, keys: list[str]) -> None:
     at_least_one({key: OmegaConf.select(cfg, key) for key in keys})
     if cfg.eval.queries < 0:
         raise MetatrainError(f"eval.queries={cfg.eval.queries} must not be negative")
-    keys = ("algorithm.eval_steps", "algorithm.eval_iters", "algorithm.eval_batch")
-    at_least_one({key: OmegaConf.select(cfg, key, default=None) for key in keys})
+    # the learner's counts that evaluation may change (eval_steps, eval_iters, eval_batch)
+    counts = [k for k in learner.eval_keys if k in learner.positive_keys]
+    at_least_one({f"algorithm.{k}": cfg.algorithm[k] for k in counts})

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from metatrain import checkpoint
-from metatrain.algorithms import build_learner
+from metatrain.algorithms import build_learner, learner_class
 from metatrain.algorithms.inner import setup_device
 from metatrain.datasets import load_placed
 from metatrain.errors import MetatrainError
@@ -101,14 +101,7 @@ def protocol(setup: EvalSetup) -> dict:
         "bn_eval": bn_eval_mode(cfg.model.bn_eval),
         "trained_ways": setup.trained.dataset.ways,
     }
-    if a.name == "maml":
-        out.update(
-            eval_steps=a.eval_steps,
-            train_steps=a.train_steps,
-            inner_lr=None if a.lslr else a.inner_lr,
-        )
-    else:
-        out.update(eval_iters=a.eval_iters, eval_batch=a.eval_batch, inner_lr=a.inner_lr)
+    out.update(learner_class(a.name).eval_protocol(a))  # what the learner says defines it
     return out
 
 

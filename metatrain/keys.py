@@ -31,8 +31,10 @@ NON_MATH_KEYS = (
 )
 
 # Keys that set how a trained network is tested, not what was trained: with
-# NON_MATH_KEYS, everything `metatrain-eval` accepts (EVAL_KEYS). eval.split exists
-# only there: it picks the split tested (test, or val to re-score validation).
+# NON_MATH_KEYS, everything `metatrain-eval` accepts (EVAL_KEYS), beside the algorithm
+# keys each learner declares as its own (MetaLearner.eval_keys: MAML's eval_steps,
+# Reptile's eval_iters). eval.split exists only there: it picks the split tested
+# (test, or val to re-score validation).
 EVAL_PROTOCOL_KEYS = (
     "eval.split",
     "eval.test_tasks",
@@ -45,18 +47,15 @@ EVAL_PROTOCOL_KEYS = (
     "dataset.queries",
     "eval.queries",
     "dataset.eval_rotation",
-    "algorithm.eval_steps",
-    "algorithm.inner_lr",  # refused where LSLR learned it
-    "algorithm.eval_iters",
-    "algorithm.eval_batch",
     "model.bn_eval",
 )
 EVAL_KEYS = (*EVAL_PROTOCOL_KEYS, *NON_MATH_KEYS)
 
 
-def is_eval_key(key: str) -> bool:
-    """True for a key metatrain-eval may set (or one under a listed key)."""
-    return any(key == k or key.startswith(k + ".") for k in EVAL_KEYS)
+def is_eval_key(key: str, learner_keys: tuple[str, ...] = ()) -> bool:
+    """True for a key metatrain-eval may set (or one under a listed key); `learner_keys`:
+    the dotted algorithm keys the run's learner declares."""
+    return any(key == k or key.startswith(k + ".") for k in (*EVAL_KEYS, *learner_keys))
 
 
 def is_non_math(key: str) -> bool:

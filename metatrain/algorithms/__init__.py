@@ -2,7 +2,10 @@
 
 Each learner module registers its class and config schema in
 metatrain.registry.LEARNERS under the name that conf/algorithm/*.yaml gives as
-`name`; build_learner looks it up.
+`name`; build_learner looks it up. What evaluation, the inert-setting warnings and
+`metatrain-eval` need to know of a learner, its class declares (eval_keys,
+eval_protocol, check_eval, inert_settings): no module outside the learner's own
+names it.
 """
 
 import functools
@@ -26,6 +29,25 @@ class MetaLearner:
     optimizer: torch.optim.Optimizer | None = None
     # Integer keys of the algorithm's config that must be at least 1.
     positive_keys: tuple[str, ...] = ()
+    # Keys of the algorithm's config that set how a trained network adapts at test, not
+    # what was trained: `metatrain-eval` may set them (algorithm.<key>).
+    eval_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def eval_protocol(cls, algo_cfg) -> dict:
+        """The algorithm's settings that define an evaluation's numbers, for its record."""
+        return {k: algo_cfg[k] for k in cls.eval_keys}
+
+    @classmethod
+    def check_eval(cls, trained_algo, keys: list[str]) -> None:
+        """Refuse (MetatrainError) evaluation overrides, by dotted key, that the network
+        trained under `trained_algo` cannot run."""
+
+    @classmethod
+    def inert_settings(cls, cfg) -> list[str]:
+        """One line for each of the algorithm's settings in `cfg` that is on but cannot
+        change the run (metatrain/inert.py)."""
+        return []
 
     @classmethod
     def from_config(cls, cfg, model, device: torch.device) -> "MetaLearner":

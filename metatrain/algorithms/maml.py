@@ -124,6 +124,80 @@ class Maml(MetaLearner):
         steps = algo_cfg.train_steps
         return (steps if algo_cfg.bnwb else 0), (steps if algo_cfg.bnrs else 1)
 
+    # -- what evaluation and the run's checks need of MAML --------------------
+
+    eval_keys = ("eval_steps", "inner_lr")
+
+    @classmethod
+    def eval_protocol(cls, algo_cfg) -> dict:
+        # Learned rates (LSLR, Meta-SGD) replace inner_lr at test: it defines nothing then.
+        learned = algo_cfg.lslr or algo_cfg.metasgd
+        return {
+            "eval_steps": algo_cfg.eval_steps,
+            "train_steps": algo_cfg.train_steps,
+            "inner_lr": None if learned else algo_cfg.inner_lr,
+        }
+
+    @classmethod
+    def check_eval(cls, trained_algo, keys: list[str]) -> None:
+        if "algorithm.inner_lr" in keys and (trained_algo.lslr or trained_algo.metasgd):
+            how = (
+                "per layer and step (algorithm.lslr"
+                if trained_algo.lslr
+                else ("per parameter element (algorithm.metasgd")
+            )
+            raise MetatrainError(
+                f"algorithm.inner_lr was learned {how}=true); "
+                "the learned rates are used at test, so it cannot be set"
+            )
+
+    @classmethod
+    def inert_settings(cls, cfg) -> list[str]:
+        a, t = cfg.algorithm, cfg.train
+        lines = []
+        run_epochs = -(-t.iterations // t.iters_per_epoch)  # epochs the run starts, rounded up
+        if a.da:
+            if a.first_order:
+                lines.append(
+                    "algorithm.da=true changes nothing: algorithm.first_order=true is first "
+                    "order throughout"
+                )
+            elif a.da_epochs <= 0:
+                lines.append("algorithm.da=true changes nothing with algorithm.da_epochs=0")
+            elif a.da_epochs >= run_epochs:
+                lines.append(
+                    f"algorithm.da=true with da_epochs={a.da_epochs} covers all {run_epochs} "
+                    f"epochs of this run ({t.iterations} iterations of {t.iters_per_epoch}): "
+                    "it is first order throughout"
+                )
+        if a.msl and (a.train_steps == 1 or a.msl_epochs <= 0):
+            why = "one inner step" if a.train_steps == 1 else "algorithm.msl_epochs=0"
+            lines.append(
+                f"algorithm.msl=true changes nothing with {why}: only the last step counts"
+            )
+        per_epoch = a.ca_every.value == "epoch"
+        single = t.iterations <= 1 or (per_epoch and run_epochs <= 1)
+        if a.ca and (a.min_lr == a.meta_lr or single):
+            if a.min_lr == a.meta_lr:
+                why = "min_lr equal to meta_lr"
+            elif t.iterations <= 1:
+                why = "a single iteration"
+            else:
+                why = "a single epoch (the rate changes per epoch; algorithm.ca_every=iteration)"
+            lines.append(f"algorithm.ca=true changes nothing with {why}")
+        if a.bnrs and bn_eval_mode(cfg.model.bn_eval) != "running":
+            lines.append(
+                "algorithm.bnrs=true changes nothing unless evaluation reads running "
+                "statistics (model.bn_eval=running): its per-step running statistics are "
+                "never read"
+            )
+        elif a.bnrs and a.train_steps == 1:
+            lines.append(
+                "algorithm.bnrs=true changes nothing with one inner step: one row of running "
+                "statistics either way"
+            )
+        return lines
+
     def __init__(
         self, cfg, model, train_cfg, bn_eval: str, device: torch.device, shots: int | None = None
     ):

@@ -111,7 +111,23 @@ class AdamState(nn.Module):
 
 @LEARNERS.register("reptile", ReptileConfig)
 class Reptile(MetaLearner):
-    positive_keys = ("inner_iters", "inner_batch", "train_shots")
+    positive_keys = ("inner_iters", "inner_batch", "train_shots", "eval_iters", "eval_batch")
+    eval_keys = ("eval_iters", "eval_batch", "inner_lr")
+
+    @classmethod
+    def inert_settings(cls, cfg) -> list[str]:
+        a = cfg.algorithm
+        lines = []
+        if a.meta_lr != 0:
+            lines.append(
+                f"algorithm.meta_lr={a.meta_lr} is unused by Reptile, whose outer step is "
+                "algorithm.meta_step"
+            )
+        if a.grad_clip > 0:
+            lines.append("algorithm.grad_clip is unused by Reptile")
+        if a.inner_state.value == "carry" and a.inner_optimizer.value != "adam":
+            lines.append("algorithm.inner_state=carry changes nothing: SGD keeps no state")
+        return lines
 
     @classmethod
     def from_config(cls, cfg, model, device):

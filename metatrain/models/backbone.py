@@ -2,17 +2,25 @@
 
 `model(params, x, step, running)` returns (logits, stats): the trunk's features
 go through a linear head. `stats` holds the batch's normalisation statistics in
-whatever shape the backbone's `update_running_stats` folds in; learners only
-stack them over inner steps and average them over tasks. Batch-norm affine
-parameters are (C,), or (steps, C) with per-step weights (MAML++ BNWB);
-running statistics (1, C) or (steps, C) (BNRS); `step` picks the row.
+whatever shape the backbone's `update_running_stats` folds in (an empty tensor
+where it keeps none); learners only stack them over inner steps and average them
+over tasks.
+
+Normalisation is the backbone's own choice. A batch-norm backbone
+(BatchNormBackbone) takes the learner's rows of per-step tensors: affine
+parameters (C,), or (steps, C) with per-step weights (MAML++ BNWB); running
+statistics (1, C) or (steps, C) (BNRS); `step` picks the row. A backbone without
+batch norm takes none of that and its running-statistics update does nothing.
+Fast paths declare what runs on them: `channel_groups` (models/task_groups.py).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metatrain.config import BatchNormConfig
 from metatrain.errors import MetatrainError
+from metatrain.naming import bn_eval_mode
 
 HEAD = ("head.weight", "head.bias")
 
@@ -26,6 +34,18 @@ def step_row(t: torch.Tensor, step: int) -> torch.Tensor:
 
 
 class Backbone(nn.Module):
+    # Whether grouped_trunk runs T tasks' networks as channel groups of one network
+    # (models/task_groups.py) with this backbone's maths. A subclass that redefines
+    # trunk or head has not said so of its own maths: it is False there unless its
+    # class sets it again.
+    channel_groups: bool = False
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        redefined = "trunk" in cls.__dict__ or "head" in cls.__dict__
+        if redefined and "channel_groups" not in cls.__dict__:
+            cls.channel_groups = False
+
     def __init__(self):
         super().__init__()
         self._dotted: dict[str, str] = {}  # nn.Module name -> dotted name
@@ -44,22 +64,6 @@ class Backbone(nn.Module):
 
     def buffer(self, name: str) -> torch.Tensor:
         return getattr(self, name.replace(".", "_"))
-
-    def add_norm(
-        self, name: str, channels: int, weight_steps: int, stat_steps: int, scale: bool = True
-    ) -> None:
-        """Batch norm `name`: weight/bias (C,) or (weight_steps, C), and running
-        mean/var (stat_steps, C). Without `scale` the weight is a constant buffer of
-        ones (a shift-only norm), not a parameter."""
-        shape = (weight_steps, channels) if weight_steps else (channels,)
-        if scale:
-            self.register_parameter(f"{name}.weight", nn.Parameter(torch.ones(shape)))
-        else:
-            self.register_buffer(f"{name}.weight", torch.ones(shape))
-        self.register_parameter(f"{name}.bias", nn.Parameter(torch.zeros(shape)))
-        self.register_buffer(f"{name}.running_mean", torch.zeros(stat_steps, channels))
-        self.register_buffer(f"{name}.running_var", torch.ones(stat_steps, channels))
-        self.norm_names += [f"{name}.weight"] * scale + [f"{name}.bias"]
 
     def add_head(self, in_channels: int, image_size: int, ways: int) -> None:
         """The linear head, sized by running the trunk (built first) on a probe batch,
@@ -102,6 +106,94 @@ class Backbone(nn.Module):
         return self.head(params, h), stats
 
     def trunk_varies_with_step(self, running: bool) -> bool:
+        """Whether trunk() depends on `step` (per-step normalisation tensors)."""
+        return False
+
+    def grouped_trunk(self, params: dict, x: torch.Tensor, step: int, running: bool):
+        """T tasks' trunks as channel groups: features (T, N, features) and statistics
+        (T, ...) of params {name: (T, *shape)} on x (T, N, C, H, W); only where
+        `channel_groups` is declared."""
+        raise NotImplementedError(f"{type(self).__name__} declares no channel-groups pass")
+
+    def update_running_stats(self, stats: torch.Tensor) -> None:
+        """Fold a meta-step's statistics into running averages; nothing to fold here."""
+
+    @classmethod
+    def from_config(
+        cls, cfg, *, in_channels: int, ways: int, image_size: int, bn_weight_steps: int = 0,
+        bn_stat_steps: int = 1,
+    ) -> "Backbone":  # fmt: skip
+        """The backbone for model config `cfg` on this data; `bn_*`: the rows of per-step
+        normalisation tensors the learner asks for (MAML++ BNWB, BNRS), which only a
+        backbone that normalises per step takes (norm_options)."""
+        return cls(
+            in_channels=in_channels,
+            ways=ways,
+            image_size=image_size,
+            **cls.norm_options(cfg, bn_weight_steps, bn_stat_steps),
+            **cls.options(cfg),
+        )
+
+    @classmethod
+    def norm_options(cls, cfg, weight_steps: int, stat_steps: int) -> dict:
+        """The constructor arguments of this backbone's normalisation: none here."""
+        return {}
+
+    @classmethod
+    def options(cls, cfg) -> dict:
+        """This backbone's own constructor arguments from its model config."""
+        raise NotImplementedError
+
+    @classmethod
+    def inert_settings(cls, cfg) -> list[str]:
+        """One line for each model setting of `cfg` that is on but cannot change the run
+        (metatrain/inert.py)."""
+        return []
+
+
+class BatchNormBackbone(Backbone):
+    """A backbone normalised by batch norm (models/norm.py), with MAML++'s per-step
+    rows: its schema extends config.BatchNormConfig (bn_momentum, bn_eps)."""
+
+    @classmethod
+    def norm_options(cls, cfg, weight_steps: int, stat_steps: int) -> dict:
+        if cfg.bn_eps <= 0:
+            raise MetatrainError(f"model.bn_eps={cfg.bn_eps} must be positive (1e-5 is PyTorch's)")
+        return {
+            "bn_weight_steps": weight_steps,
+            "bn_stat_steps": stat_steps,
+            "bn_momentum": cfg.bn_momentum,
+            "bn_eps": cfg.bn_eps,
+        }
+
+    @classmethod
+    def inert_settings(cls, cfg) -> list[str]:
+        mode = bn_eval_mode(cfg.model.bn_eval)
+        if mode != "running" and cfg.model.bn_momentum != BatchNormConfig.bn_momentum:
+            line = (
+                "model.bn_momentum changes nothing: evaluation normalises with batch "
+                f"statistics (model.bn_eval={mode}), never the running ones"
+            )
+            return [line]
+        return []
+
+    def add_norm(
+        self, name: str, channels: int, weight_steps: int, stat_steps: int, scale: bool = True
+    ) -> None:
+        """Batch norm `name`: weight/bias (C,) or (weight_steps, C), and running
+        mean/var (stat_steps, C). Without `scale` the weight is a constant buffer of
+        ones (a shift-only norm), not a parameter."""
+        shape = (weight_steps, channels) if weight_steps else (channels,)
+        if scale:
+            self.register_parameter(f"{name}.weight", nn.Parameter(torch.ones(shape)))
+        else:
+            self.register_buffer(f"{name}.weight", torch.ones(shape))
+        self.register_parameter(f"{name}.bias", nn.Parameter(torch.zeros(shape)))
+        self.register_buffer(f"{name}.running_mean", torch.zeros(stat_steps, channels))
+        self.register_buffer(f"{name}.running_var", torch.ones(stat_steps, channels))
+        self.norm_names += [f"{name}.weight"] * scale + [f"{name}.bias"]
+
+    def trunk_varies_with_step(self, running: bool) -> bool:
         """Whether trunk() depends on `step`: per-step affine parameters, or per-step
         running statistics when they are used."""
         per_step_w = any(self.params()[n].dim() == 2 for n in self.norm_names)
@@ -113,26 +205,14 @@ class Backbone(nn.Module):
     def update_running_stats(self, stats: torch.Tensor) -> None:
         raise NotImplementedError
 
-    @classmethod
-    def from_config(
-        cls, cfg, *, in_channels: int, ways: int, image_size: int, bn_weight_steps: int,
-        bn_stat_steps: int,
-    ) -> "Backbone":  # fmt: skip
-        """The backbone for model config `cfg` on this data and these MAML++ switches."""
-        if cfg.bn_eps <= 0:
-            raise MetatrainError(f"model.bn_eps={cfg.bn_eps} must be positive (1e-5 is PyTorch's)")
-        return cls(
-            in_channels=in_channels,
-            ways=ways,
-            image_size=image_size,
-            bn_weight_steps=bn_weight_steps,
-            bn_stat_steps=bn_stat_steps,
-            bn_momentum=cfg.bn_momentum,
-            bn_eps=cfg.bn_eps,
-            **cls.options(cfg),
-        )
-
-    @classmethod
-    def options(cls, cfg) -> dict:
-        """This backbone's own constructor arguments from its model config."""
-        raise NotImplementedError
+    @torch.no_grad()
+    def fold_running(self, layer: str, s: torch.Tensor) -> None:
+        """Fold batch norm `layer`'s batch statistics s (steps, 2, C) into its running
+        averages (momentum bn_momentum): the steps averaged into one row, or with one
+        row per step (BNRS) each row following its own step."""
+        rm, rv = self.buffer(f"{layer}.running_mean"), self.buffer(f"{layer}.running_var")
+        if rm.shape[0] == 1:
+            s = s.mean(0, keepdim=True)
+        n = min(rm.shape[0], s.shape[0])
+        rm[:n].lerp_(s[:n, 0], self.bn_momentum)
+        rv[:n].lerp_(s[:n, 1], self.bn_momentum)

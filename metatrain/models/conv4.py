@@ -16,11 +16,12 @@ from enum import Enum
 import torch
 from torch import nn
 
-from metatrain.config import ModelConfig
+from metatrain.config import BatchNormConfig
 from metatrain.errors import MetatrainError
-from metatrain.models.backbone import Backbone, step_row
+from metatrain.models.backbone import BatchNormBackbone, step_row
 from metatrain.models.kernels import conv_block
 from metatrain.models.norm import EPS
+from metatrain.models.task_groups import to_groups
 from metatrain.registry import BACKBONES
 
 BLOCKS = 4
@@ -58,7 +59,7 @@ class PoolPadding(Enum):
 
 
 @dataclass
-class Conv4Config(ModelConfig):
+class Conv4Config(BatchNormConfig):
     name: str = "conv4"
     filters: int = 64
     downsample: Downsample = Downsample.pool
@@ -74,7 +75,9 @@ class Conv4Config(ModelConfig):
 
 
 @BACKBONES.register("conv4", Conv4Config)
-class Conv4(Backbone):
+class Conv4(BatchNormBackbone):
+    channel_groups = True  # grouped_trunk below is trunk's maths for T tasks at once
+
     def __init__(
         self,
         in_channels: int,
@@ -132,6 +135,19 @@ class Conv4(Backbone):
             "head_init": cfg.head_init.value,
         }
 
+    @classmethod
+    def inert_settings(cls, cfg) -> list[str]:
+        m = cfg.model
+        lines = super().inert_settings(cfg)
+        if m.activation.value == "relu" and m.activation_slope != Conv4Config.activation_slope:
+            lines.append(
+                "model.activation_slope changes nothing with model.activation=relu "
+                "(set model.activation=leaky_relu)"
+            )
+        if m.pool_padding.value == "same" and m.downsample.value == "stride":
+            lines.append("model.pool_padding=same changes nothing with model.downsample=stride")
+        return lines
+
     def block_options(self) -> dict:
         """conv_block's keyword arguments that every block of this network shares."""
         return {
@@ -174,19 +190,56 @@ class Conv4(Backbone):
         h = x.mean((2, 3)) if self.head_mean else x.flatten(1)  # (N, features)
         return h, torch.stack(stats)  # (N, features), (blocks, 2, C)
 
-    @torch.no_grad()
-    def update_running_stats(self, stats: torch.Tensor) -> None:
-        """Fold batch statistics (steps, blocks, 2, C) into the running averages.
-
-        With one row of running statistics the steps are averaged; with one row
-        per step (BNRS) each row follows its own step.
-        """
-        m = self.bn_momentum
+    def grouped_trunk(self, params: dict, x: torch.Tensor, step: int = 0, running: bool = False):
+        """Features (T, N, features) and batch statistics (T, blocks, 2, C) of T tasks'
+        networks `params` {name: (T, *shape)} on x (T, N, C, H, W): per task, the value
+        of trunk(params[t], x[t], step, running), as one network of T channel groups
+        (models/task_groups.py)."""
+        tasks, n = x.shape[:2]
+        h = to_groups(x)
+        stats = []
         for i in range(BLOCKS):
-            rm, rv = self.running_stats(i)
-            s = stats[:, i]  # (steps, 2, C)
-            if rm.shape[0] == 1:
-                s = s.mean(0, keepdim=True)
-            n = min(rm.shape[0], s.shape[0])
-            rm[:n].lerp_(s[:n, 0], m)
-            rv[:n].lerp_(s[:n, 1], m)
+            w = params[f"conv{i}.weight"]  # (T, C_out, C_in, 3, 3)
+            c = w.shape[1]
+            if f"bn{i}.weight" in params:
+                gamma = _task_row(params[f"bn{i}.weight"], step, 3).reshape(tasks * c)
+            else:  # a shift-only norm's constant ones, shared by every task: (C,) -> (T*C,)
+                gamma = _task_row(self.gamma(params, i), step, 2).repeat(tasks)
+            beta = _task_row(params[f"bn{i}.bias"], step, 3).reshape(tasks * c)
+            mean = var = None
+            if running:  # shared by every task: (C,) -> (T*C,)
+                rm, rv = self.running_stats(i)
+                mean, var = (
+                    _task_row(rm, step, 2).repeat(tasks),
+                    _task_row(rv, step, 2).repeat(tasks),
+                )
+            h, s = conv_block(
+                h,
+                w.reshape(tasks * c, *w.shape[2:]),
+                params[f"conv{i}.bias"].reshape(tasks * c),
+                gamma,
+                beta,
+                mean,
+                var,
+                groups=tasks,
+                **self.block_options(),
+            )
+            stats.append(s.view(2, tasks, c))
+        if self.head_mean:  # (N, T*C) -> (T, N, C): each task's channel means
+            feats = h.mean((2, 3)).reshape(n, tasks, c).transpose(0, 1)
+        else:  # (N, T*C, h, w) -> (T, N, C*h*w): each task's features in trunk's flatten order
+            _, _, hh, ww = h.shape
+            feats = h.reshape(n, tasks, c, hh, ww).transpose(0, 1).reshape(tasks, n, c * hh * ww)
+        return feats, torch.stack(stats).permute(2, 0, 1, 3)  # (T, N, F), (T, blocks, 2, C)
+
+    def update_running_stats(self, stats: torch.Tensor) -> None:
+        """Fold batch statistics (steps, blocks, 2, C) into the running averages."""
+        for i in range(BLOCKS):
+            self.fold_running(f"bn{i}", stats[:, i])  # (steps, 2, C)
+
+
+def _task_row(p: torch.Tensor, step: int, per_step_dim: int) -> torch.Tensor:
+    """The step's row of a per-step tensor (dim() == per_step_dim), else p itself."""
+    if p.dim() == per_step_dim:
+        return p.select(per_step_dim - 2, min(step, p.shape[per_step_dim - 2] - 1))
+    return p

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatrain.config import ModelConfig
-from metatrain.models.backbone import Backbone, step_row
+from metatrain.config import BatchNormConfig
+from metatrain.models.backbone import BatchNormBackbone, step_row
 from metatrain.models.kernels import conv3x3
 from metatrain.models.norm import EPS, batch_stats
 from metatrain.registry import BACKBONES
@@ -33,7 +33,7 @@ DROPBLOCK_STAGES = (2, 3)
 
 
 @dataclass
-class ResNet12Config(ModelConfig):
+class ResNet12Config(BatchNormConfig):
     name: str = "resnet12"
     width: float = 1.0  # multiplies the stage widths 64-160-320-640
     dropblock: float = 0.0  # DropBlock drop probability in training; 0 turns it off
@@ -67,7 +67,7 @@ def drop_block(x: torch.Tensor, p: float, size: int) -> torch.Tensor:
 
 
 @BACKBONES.register("resnet12", ResNet12Config)
-class ResNet12(Backbone):
+class ResNet12(BatchNormBackbone):
     def __init__(
         self,
         in_channels: int,
@@ -137,19 +137,11 @@ class ResNet12(Backbone):
                 x = drop_block(x, self.dropblock, self.dropblock_size)
         return x.flatten(1), torch.cat(stats, dim=1)  # (N, features), (2, sum of C)
 
-    @torch.no_grad()
     def update_running_stats(self, stats: torch.Tensor) -> None:
-        """Fold batch statistics (steps, 2, sum of C) into the running averages: the
-        steps averaged into one row, or one row per step (BNRS)."""
-        m, start = self.bn_momentum, 0
+        """Fold batch statistics (steps, 2, sum of C) into the running averages."""
+        start = 0
         for name in self.norm_names[::2]:  # "<layer>.bn.weight"
             layer = name.rsplit(".", 1)[0]
-            rm, rv = self.buffer(f"{layer}.running_mean"), self.buffer(f"{layer}.running_var")
-            c = rm.shape[1]
-            s = stats[:, :, start : start + c]  # (steps, 2, C)
+            c = self.buffer(f"{layer}.running_mean").shape[1]
+            self.fold_running(layer, stats[:, :, start : start + c])  # (steps, 2, C)
             start += c
-            if rm.shape[0] == 1:
-                s = s.mean(0, keepdim=True)
-            n = min(rm.shape[0], s.shape[0])
-            rm[:n].lerp_(s[:n, 0], m)
-            rv[:n].lerp_(s[:n, 1], m)
