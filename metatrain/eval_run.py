@@ -34,17 +34,17 @@ from metatrain.errors import MetatrainError
 from metatrain.eval_config import EvalSetup, compose
 from metatrain.files import save_json
 from metatrain.meta_test import load_members, test_block
+from metatrain.models.backbone import HEAD, Backbone
 from metatrain.naming import algorithm_label, bn_eval_mode
 from metatrain.task_sets import eval_tasks
 
-HEAD_KEYS = ("model.head_weight", "model.head_bias")  # in learner.net's state dict
-# Reptile's carried inner Adam keeps moments of the head's tensors too (AdamState).
-HEAD_KEYS += tuple(f"adam.{k}__head__{p}" for k in ("m", "v") for p in ("weight", "bias"))
 
-
-def narrow_head(state: dict, ways: int) -> dict:
-    """A network state with only the first `ways` output units."""
-    return {k: v[:ways] if k in HEAD_KEYS else v for k, v in state.items()}
+def narrow_head(state: dict, ways: int, keys: tuple[str, ...] | None = None) -> dict:
+    """A network state with only the first `ways` output units in the entries `keys`
+    (the learner's head_keys; by default the backbone's head)."""
+    if keys is None:
+        keys = tuple(f"model.{Backbone.state_name(n)}" for n in HEAD)
+    return {k: v[:ways] if k in keys else v for k, v in state.items()}
 
 
 def open_run(run_dir: Path) -> tuple[dict, dict]:
@@ -123,13 +123,14 @@ def evaluate_run(run_dir: Path, overrides: list[str], log=print) -> tuple[Path, 
 
     model = build_model(cfg, device)  # the trained network with `ways` output units
     learner = build_learner(cfg, model, device)
-    learner.net.load_state_dict(narrow_head(state["learner"]["net"], ways))
+    heads = learner.head_keys()
+    learner.net.load_state_dict(narrow_head(state["learner"]["net"], ways, heads))
     best = [tuple(b) for b in state.get("best") or []]
     if cfg.eval.ensemble_top_k > len(best):
         log(f"{len(best)} validation checkpoints are kept: the ensemble has {len(best) or 1}")
     ckpt_dir = run_dir / "checkpoints"
     members = load_members(
-        best, cfg.eval.ensemble_top_k, ckpt_dir, adapt=lambda s: narrow_head(s, ways)
+        best, cfg.eval.ensemble_top_k, ckpt_dir, adapt=lambda s: narrow_head(s, ways, heads)
     )
 
     d = cfg.dataset

@@ -142,6 +142,9 @@ def _train(cfg, run_dir: Path) -> dict:
         interval = resume.get("interval") or {**interval, "from": start}
         console.print(f"[cyan]resuming {run_dir} at iteration {start}")
     intact = start if resume is not None else None  # last.pt's iteration on disk
+    t = cfg.train
+    guard = NonFiniteGuard(learner, t.nonfinite, t.nonfinite_patience)
+    guard.skipped = resume.get("nonfinite_skips", 0) if resume is not None else 0
 
     def save_last(iteration: int, results: dict | None = None, elapsed: float = 0.0) -> None:
         nonlocal intact
@@ -166,9 +169,6 @@ def _train(cfg, run_dir: Path) -> dict:
         )
         intact = iteration
 
-    t = cfg.train
-    guard = NonFiniteGuard(learner, t.nonfinite, t.nonfinite_patience)
-    guard.skipped = resume.get("nonfinite_skips", 0) if resume is not None else 0
     wall_before = wall  # this session's share of the wall time gives sec_per_iter
     interrupt.reached(start)
     with interrupt.deferred(start):  # from here a signal stops the loop between iterations

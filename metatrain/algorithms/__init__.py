@@ -76,6 +76,12 @@ class MetaLearner:
         """Support and query examples per class that meta-training tasks need."""
         return shots, queries
 
+    def head_keys(self) -> tuple[str, ...]:
+        """The keys of net's state dict indexed by output unit (rows of the head): what
+        a test with fewer ways narrows (eval_run.narrow_head)."""
+        model = self.net["model"]
+        return tuple(f"model.{model.state_name(n)}" for n in model.head_names)
+
     def state_dict(self) -> dict:
         """Full training state: network, optimiser and schedules."""
         raise NotImplementedError

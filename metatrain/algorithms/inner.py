@@ -64,6 +64,14 @@ def task_pixels(*parts: torch.Tensor) -> int:
     return sum(x[0].numel() // x.shape[2] for x in parts)
 
 
+def requested_backend(train_cfg, groups_usable: bool) -> str:
+    """train.backend, with `groups` turned into `auto` where channel groups cannot run
+    (a backbone without a channel-groups pass, bf16 autocast, recomputed steps): the
+    run goes on with the fastest of the other backends instead of failing."""
+    requested = train_cfg.backend.value
+    return "auto" if requested == "groups" and not groups_usable else requested
+
+
 def pick_backend(
     requested: str,
     device: torch.device,

@@ -39,7 +39,13 @@ from torch import nn
 
 from metatrain.algorithms import MetaLearner, eval_mode
 from metatrain.algorithms.anil import task_passes
-from metatrain.algorithms.inner import GRADS, SpeedOptions, pick_backend, task_pixels
+from metatrain.algorithms.inner import (
+    GRADS,
+    SpeedOptions,
+    pick_backend,
+    requested_backend,
+    task_pixels,
+)
 from metatrain.algorithms.maml_groups import run_tasks
 from metatrain.algorithms.rates import InnerRates
 from metatrain.algorithms.recompute import accumulate_grads, recomputed_task
@@ -281,10 +287,9 @@ class Maml(MetaLearner):
         """The meta-training backend for a task batch: train.backend, or with `auto`
         the faster one for this device and this size of task (support + query)."""
         pixels = None if batch is None else task_pixels(batch.xs, batch.xq)
-        requested = self.train_cfg.backend.value
+        # see _groups_ok; recomputed steps run per task or vmapped
         usable = self._groups_ok() and not (second_order and self.recompute)
-        if requested == "groups" and not usable:
-            requested = "auto"  # see _groups_ok; recomputed steps run per task or vmapped
+        requested = requested_backend(self.train_cfg, usable)
         return pick_backend(requested, self.device, second_order, pixels, groups_ok=False)
 
     def backend_for(self, batch: TaskBatch, iteration: int, evaluation: bool = False) -> str:
@@ -302,9 +307,7 @@ class Maml(MetaLearner):
         groups (for small tasks; see pick_backend); compiled models keep the per-task
         paths they were written for."""
         groups_ok = self._groups_ok() and self._compiled is None
-        requested = self.train_cfg.backend.value
-        if requested == "groups" and not groups_ok:
-            requested = "auto"
+        requested = requested_backend(self.train_cfg, groups_ok)
         pixels = task_pixels(batch.xs, batch.xq)
         return pick_backend(requested, self.device, False, pixels, groups_ok)
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metatrain.algorithms import MetaLearner, eval_mode, query_norm
-from metatrain.algorithms.inner import GRADS, adam_steps_, pick_backend
+from metatrain.algorithms.inner import GRADS, adam_steps_, pick_backend, requested_backend
 from metatrain.config import AlgorithmConfig
 from metatrain.models import task_groups
 from metatrain.naming import bn_eval_mode
@@ -159,10 +159,8 @@ class Reptile(MetaLearner):
         """The backend for inner loops on minibatches of `batch` of the tasks' images
         xs (tasks, N, C, H, W): train.backend, or with `auto` the faster one for this
         device and minibatch size (pick_backend)."""
-        requested = self.train_cfg.backend.value
         ok = task_groups.supports(self.model)
-        if requested == "groups" and not ok:
-            requested = "auto"
+        requested = requested_backend(self.train_cfg, ok)
         pixels = None if xs is None else min(batch, xs.shape[1]) * xs.shape[-2] * xs.shape[-1]
         return pick_backend(requested, self.device, False, pixels, groups_ok=ok)
 
@@ -341,6 +339,12 @@ class Reptile(MetaLearner):
             return self.model(p, x, running=running)[0]
 
         return torch.func.vmap(query_logits)(w, batch.xq)
+
+    def head_keys(self) -> tuple[str, ...]:
+        # The carried inner Adam keeps moments of the head's tensors too.
+        heads = self.model.head_names if self.carry else ()
+        moments = tuple(f"adam.{AdamState._key(k, n)}" for k in ("m", "v") for n in heads)
+        return super().head_keys() + moments
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "generator": self.generator.get_state()}

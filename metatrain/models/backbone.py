@@ -51,19 +51,24 @@ class Backbone(nn.Module):
         self._dotted: dict[str, str] = {}  # nn.Module name -> dotted name
         self.norm_names: list[str] = []  # batch-norm affine parameters, by dotted name
 
+    @staticmethod
+    def state_name(name: str) -> str:
+        """The state-dict key of the tensor with dotted name `name` ("head.weight" ->
+        "head_weight"): dotted names keep the params dict flat and readable, and
+        nn.Module forbids dots, so tensors are stored under a dot-free alias."""
+        return name.replace(".", "_")
+
     def register_parameter(self, name, param):
-        # Dotted names keep the params dict flat and readable ("conv0.weight");
-        # nn.Module forbids dots, so store under a dot-free alias.
-        alias = name.replace(".", "_")
+        alias = self.state_name(name)
         if param is not None and hasattr(self, "_dotted"):
             self._dotted[alias] = name
         super().register_parameter(alias, param)
 
     def register_buffer(self, name, tensor, persistent=True):
-        super().register_buffer(name.replace(".", "_"), tensor, persistent)
+        super().register_buffer(self.state_name(name), tensor, persistent)
 
     def buffer(self, name: str) -> torch.Tensor:
-        return getattr(self, name.replace(".", "_"))
+        return getattr(self, self.state_name(name))
 
     def add_head(self, in_channels: int, image_size: int, ways: int) -> None:
         """The linear head, sized by running the trunk (built first) on a probe batch,
