@@ -164,10 +164,10 @@ class Conv4(Backbone):
                 x,
                 params[f"conv{i}.weight"],
                 params[f"conv{i}.bias"],
-                w,
-                b,
-                mean,
-                var,
+                gamma=w,
+                beta=b,
+                mean=mean,
+                var=var,
                 **self.block_options(),
             )
             stats.append(s)
