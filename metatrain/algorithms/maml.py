@@ -22,9 +22,10 @@ Li, Zhou, Chen, Li. "Meta-SGD: Learning to Learn Quickly for Few-Shot
 Learning", 2017: `metasgd`, a learned inner rate per parameter element
 (metatrain/algorithms/rates.py).
 
-The task function is written once; the per-task loop computes inner gradients
-with torch.autograd.grad, the batched backend with torch.func.grad under
-torch.func.vmap. Both give the same meta-gradient (tests/test_maml.py).
+The task function is written once (maml_task.task_loss); the backends below wrap
+it: the per-task loop computes inner gradients with torch.autograd.grad, the batched
+backend with torch.func.grad under torch.func.vmap, channel groups run it over a
+whole batch (maml_groups.py). Both give the same meta-gradient (tests/test_maml.py).
 With train.inner_checkpoint, second-order meta-gradients are computed by
 recomputing each inner step during the backward sweep (recompute.py).
 """
