@@ -28,6 +28,7 @@ import contextlib
 import datetime
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -108,6 +109,9 @@ def setup(device: torch.device, timeout_s: float) -> int:
     _ctx.update(rank=r, world=n, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     _ctx.update(device=device if backend == "nccl" else torch.device("cpu"), up=True)
     _store_set(f"pid/{r}", f"{socket.gethostname()}:{os.getpid()}")
+    barrier("start-up")
+    # read now: if the store's host dies later, asking it would only add a C++ trace
+    _ctx["pids"] = {q: _store_get(f"pid/{q}") for q in range(n)}
     if r != 0:  # rank 0 speaks for the run: the others print nothing but their own faults
         from metatrain.logging import console
 
@@ -123,7 +127,7 @@ def teardown() -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
 
 
 def _store():
@@ -160,27 +164,38 @@ def report_failure(message: str) -> None:
 
 
 def _culprits() -> str:
-    """Which other rank ended: one that reported an error, or whose pid is gone."""
+    """Which other rank ended: one on this host whose pid is gone, else one that
+    reported its own error through the store."""
+    others = [r for r in range(_ctx["world"]) if r != _ctx["rank"]]
     found = []
-    for r in range(_ctx["world"]):
-        if r == _ctx["rank"]:
-            continue
-        failed = _store_get(f"failed/{r}")
-        if failed is not None:
-            found.append(f"rank {r} failed: {failed}")
-            continue
-        where = _store_get(f"pid/{r}")
+    for r in others:
+        where = _ctx.get("pids", {}).get(r)
         if where is None:
             continue
         host, pid = where.rsplit(":", 1)
-        if host == socket.gethostname():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                found.append(f"rank {r} (pid {pid}) has died")
-            except (OSError, ValueError):
-                pass
+        if host == socket.gethostname() and not _running(int(pid)):
+            found.append(f"rank {r} (pid {pid}) has died")
+    if not found:
+        for r in others:
+            failed = _store_get(f"failed/{r}")
+            if failed is not None:
+                found.append(f"rank {r} failed: {failed}")
     return "; ".join(found) if found else "another rank died, hung or failed"
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its launcher, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
 
 
 def _collective(what: str, fn):
