@@ -28,6 +28,7 @@ import contextlib
 import datetime
 import os
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -167,14 +168,19 @@ def _culprits() -> str:
     """Which other rank ended: one on this host whose pid is gone, else one that
     reported its own error through the store."""
     others = [r for r in range(_ctx["world"]) if r != _ctx["rank"]]
-    found = []
+    local = {}
     for r in others:
         where = _ctx.get("pids", {}).get(r)
-        if where is None:
-            continue
-        host, pid = where.rsplit(":", 1)
-        if host == socket.gethostname() and not _running(int(pid)):
-            found.append(f"rank {r} (pid {pid}) has died")
+        host, _, pid = (where or "").rpartition(":")
+        if host == socket.gethostname():
+            local[r] = int(pid)
+    found = []
+    # A dying process drops its connections a moment before the kernel marks it dead.
+    for _ in range(30):
+        found = [f"rank {r} (pid {p}) has died" for r, p in local.items() if not _running(p)]
+        if found or not local:
+            break
+        time.sleep(0.1)
     if not found:
         for r in others:
             failed = _store_get(f"failed/{r}")

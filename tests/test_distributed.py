@@ -12,6 +12,7 @@ which they cannot reach. Evaluation hands whole batches to ranks, so its numbers
 must be identical, not close.
 """
 
+import itertools
 import os
 import socket
 
@@ -151,6 +152,6 @@ def test_shards_cover_the_batch_once():
                 continue
             ranges = [distributed.shard_range(tasks, r, n) for r in range(n)]
             assert ranges[0][0] == 0 and ranges[-1][1] == tasks
-            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
             sizes = [b - a for a, b in ranges]
             assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
