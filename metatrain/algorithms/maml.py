@@ -466,6 +466,8 @@ class Maml(MetaLearner):
     def meta_step(self, batch: TaskBatch, iteration: int) -> dict[str, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         loss, acc, stats = self.meta_gradient(batch, iteration)
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        self.average_over_ranks([*grads, stats], batch)  # a distributed run's shards
         if self.cfg.grad_clip > 0:
             # Element-wise, on the network's parameters only, as both published MAML
             # implementations clip (MAML++'s meta_update clamps its classifier's

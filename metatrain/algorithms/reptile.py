@@ -256,13 +256,18 @@ class Reptile(MetaLearner):
         zeros = {n: torch.zeros_like(p) for n, p in params.items()}
         return zeros, dict(zeros), 0
 
-    def _train_tasks(self, params, xs, ys, *, iters: int, batch: int, generator, start=None):
+    def _train_tasks(
+        self, params, xs, ys, *, iters: int, batch: int, generator, start=None, shard=None
+    ):
         """W for every task: dict of (tasks, *shape) tensors; the optimiser's final
         (m, v), stacked the same way; the mean statistics; and the first minibatch's
         logits of params and labels, (tasks, batch, ways) and (tasks, batch). Every
-        task's optimiser starts at `start` (m, v, steps taken), fresh if None."""
+        task's optimiser starts at `start` (m, v, steps taken), fresh if None. A
+        distributed shard (first task, full batch's tasks) draws the full batch's
+        minibatches and keeps its own, as one process would draw them."""
         tasks, n = ys.shape
-        ids = minibatch_ids(n, iters, min(batch, n), generator, tasks)
+        first, drawn = (0, tasks) if shard is None else shard
+        ids = minibatch_ids(n, iters, min(batch, n), generator, drawn)[first : first + tasks]
         backend = self.backend(xs, batch)
         grads_fn = GRADS.get(backend)
         lr = self.cfg.inner_lr
@@ -308,6 +313,13 @@ class Reptile(MetaLearner):
         first = tuple(torch.cat(parts) for parts in zip(*firsts))
         return phi, w, torch.stack(stats), first
 
+    def sequential(self) -> str | None:
+        if self.cfg.serial:
+            return "algorithm.serial=true moves phi after each task in turn"
+        if self.carry:
+            return "algorithm.inner_state=carry passes the inner Adam from task to task"
+        return None
+
     @torch.no_grad()
     def meta_step(self, batch: TaskBatch, iteration: int) -> dict[str, torch.Tensor]:
         params = self.model.params()
@@ -328,10 +340,12 @@ class Reptile(MetaLearner):
             # Algorithm 2: the mean of the tasks' displacements, tasks batched.
             w, _, stats, first = self._train_tasks(
                 phi, batch.xs, batch.ys, iters=self.cfg.inner_iters, batch=self.cfg.inner_batch,
-                generator=self.generator,
+                generator=self.generator, shard=batch.shard,
             )  # fmt: skip
-            phi = {n: phi[n] + eps * (w[n].mean(0) - phi[n]) for n in phi}
-            self.model.update_running_stats(stats.mean(0, keepdim=True))
+            mean_w, stats = {n: w[n].mean(0) for n in phi}, stats.mean(0, keepdim=True)
+            self.average_over_ranks([*mean_w.values(), stats], batch)  # a distributed run
+            phi = {n: phi[n] + eps * (mean_w[n] - phi[n]) for n in phi}
+            self.model.update_running_stats(stats)
         for n, p in params.items():
             p.copy_(phi[n])
         # For the log: the loss and accuracy of the weights each task started from on
