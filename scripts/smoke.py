@@ -8,6 +8,7 @@ stand-in (random pixels, the real class names), since only shapes matter here.
 """
 
 import argparse
+import fnmatch
 import os
 import subprocess
 import sys
@@ -52,7 +53,11 @@ def run(args: list[str], env: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/multirun/smoke", help="sweep directory")
-    parser.add_argument("--only", default="*", help="glob over experiment names")
+    parser.add_argument(
+        "--only",
+        action="append",
+        help="glob over experiment names (repeatable; default: every preset)",
+    )
     parser.add_argument(
         "--fast",
         action="store_true",
@@ -64,11 +69,15 @@ def main() -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         env = {**os.environ, "METATRAIN_DATA": str(data_dir(Path(scratch)))}
-        presets = f"experiment=glob({opts.only},exclude=ablation_*)"
-        run(["-m", presets, *tiny, f"hydra.sweep.dir={out}/presets"], env)
-        for ablation in sorted(p.stem for p in (REPO / "conf" / "experiment").glob("ablation_*")):
-            if Path(opts.only).match(ablation) or opts.only == "*":
-                run([f"experiment={ablation}", *tiny, f"hydra.sweep.dir={out}/{ablation}"], env)
+        only = opts.only or ["*"]
+        names = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in only)]
+        presets = [n for n in chosen if not n.startswith("ablation_")]
+        if presets:
+            sweep = f"experiment={','.join(presets)}"
+            run(["-m", sweep, *tiny, f"hydra.sweep.dir={out}/presets"], env)
+        for ablation in (n for n in chosen if n.startswith("ablation_")):
+            run([f"experiment={ablation}", *tiny, f"hydra.sweep.dir={out}/{ablation}"], env)
     cells = list(out.glob("*/*/results.json"))
     print(f"smoke: {len(cells)} cells finished in {time.perf_counter() - start:.0f} s -> {out}")
     return 0
