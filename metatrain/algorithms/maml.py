@@ -229,6 +229,12 @@ class Maml(MetaLearner):
                 "train.inner_checkpoint recomputes inner steps and cannot replay random "
                 "DropBlock masks; set model.dropblock=0 or train.inner_checkpoint=false"
             )
+        if self.recompute and type(self).task_start is not Maml.task_start:
+            # recompute.py replays the inner loop from the meta-parameters themselves
+            raise MetatrainError(
+                f"train.inner_checkpoint cannot run algorithm={cfg.name}, whose tasks start "
+                "from weights derived from the support set; set train.inner_checkpoint=false"
+            )
         params = model.params()
         # Per-step BN affine parameters are meta-learned only, never adapted (MAML++).
         frozen = set(model.norm_names) if cfg.bnwb or not cfg.adapt_bn else set()
@@ -313,6 +319,14 @@ class Maml(MetaLearner):
 
     # -- one task -----------------------------------------------------------
 
+    def task_start(self, params: dict, xs, ys, features) -> dict:
+        """The weights a task's inner loop starts from, given its support set (xs, ys)
+        and `features(params, xs)`, the trunk's support features at step 0: in MAML the
+        meta-parameters themselves. A subclass may derive some from the support set;
+        every backend calls it, with one task's tensors or, under channel groups,
+        (T, ...)-stacked ones, and gradients flow through what it returns."""
+        return params
+
     def loss_scale(self, examples: int) -> float:
         """The factor that turns the mean cross-entropy of a batch of `examples` into
         the configured reduction (a plain number: shapes are static under vmap)."""
@@ -343,7 +357,9 @@ class Maml(MetaLearner):
         """Adapt on one task's support set; weighted query loss, final accuracy, final
         query logits and the support batches' normalisation statistics
         (steps, *the backbone's statistics shape))."""
-        fast = dict(params)
+        fast = dict(
+            self.task_start(params, xs, ys, lambda p, x: self.model.trunk(p, x, 0, running)[0])
+        )
         loss = xq.new_zeros(())
         stats = []
         logits = None

@@ -23,6 +23,8 @@ def run_tasks(
     `per_query`: each query normalised with the support set alone (query_norm.py)."""
     tasks, model = xs.shape[0], learner.model
     fast = {n: p.unsqueeze(0).expand(tasks, *p.shape) for n, p in params.items()}
+    # (T, N, F) support features of the stacked weights
+    fast = learner.task_start(fast, xs, ys, lambda p, x: model.grouped_trunk(p, x, 0, running)[0])
     # Evaluation (no meta-gradient): every step starts from detached weights.
     meta = any(p.requires_grad for p in params.values())
     losses = xq.new_zeros(tasks)
