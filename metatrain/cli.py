@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from metatrain import interrupt, run_lock, sweep
+from metatrain import distributed, interrupt, run_lock, sweep
 from metatrain.config import register_schemas
 from metatrain.errors import MetatrainError
 from metatrain.files import is_writable_dir, remove_if_nothing_kept
@@ -89,13 +89,14 @@ class OutputDirCheck(Callback):
         self._check(config, "hydra.run.dir")
         # Before Hydra writes the run's .hydra/ files: a second process on a run
         # directory in use must leave every byte of it as it was.
+        # A distributed run's other ranks run under rank 0's lock.
         try:
-            run_lock.take(Path(str(OmegaConf.select(config, "hydra.run.dir"))))
+            run_lock.take(Path(str(OmegaConf.select(config, "hydra.run.dir"))), _rank())
         except run_lock.RunLocked as e:
             _fail(str(e))
 
     def on_run_end(self, config, **kwargs) -> None:
-        run_lock.release(Path(str(OmegaConf.select(config, "hydra.run.dir"))))
+        run_lock.release(Path(str(OmegaConf.select(config, "hydra.run.dir"))), _rank())
 
     def on_multirun_start(self, config, **kwargs) -> None:
         self._check(config, "hydra.sweep.dir")
@@ -124,6 +125,11 @@ class OutputDirCheck(Callback):
             sys.exit(failed[1])
 
 
+def _rank() -> int:
+    """This process's rank in a distributed run (0 in a plain one)."""
+    return distributed.env_rank()
+
+
 def _is_parallel(hydra_cfg) -> bool:
     """Whether cells run in worker processes of this machine (the joblib launcher)."""
     return "joblib" in str(OmegaConf.select(hydra_cfg, "launcher._target_", default=""))
@@ -144,7 +150,7 @@ def run(cfg) -> float | None:
     fresh = interrupt.install(immediate=not worker)
     run_dir = run_dir_of(cfg)
     try:  # a sweep cell's lock; a single run holds its own since OutputDirCheck
-        run_lock.take(run_dir)
+        run_lock.take(run_dir, _rank())
     except run_lock.RunLocked as e:
         if not multirun:
             _fail(str(e))
@@ -155,29 +161,35 @@ def run(cfg) -> float | None:
     try:
         return _run_locked(cfg, run_dir, multirun, worker, fresh, console, train)
     finally:
-        run_lock.release(run_dir)
+        run_lock.release(run_dir, _rank())
+        distributed.teardown()
 
 
 def _run_locked(cfg, run_dir, multirun, worker, fresh, console, train) -> float | None:
     hydra_cfg = HydraConfig.get()
-    if multirun:
+    # A distributed run's other ranks leave the run directory's files to rank 0.
+    main = _rank() == 0
+    if multirun and main:
         sweep.record(run_dir, "started")
-    if not worker:  # a worker process's console is its own; the log is the cell's
+    if not worker and main:  # a worker process's console is its own; the log is the cell's
         console.attach_log(run_dir / f"{hydra_cfg.job.name}.log")
     try:
         results = train(cfg)
     except interrupt.Interrupted as e:
-        if multirun or _created["root"] is not None:  # never a folder the user had
+        # never a folder the user had
+        if main and (multirun or _created["root"] is not None):
             remove_if_nothing_kept(run_dir, None if multirun else _created["root"])
-        if multirun:
+        if multirun and main:
             sweep.record(run_dir, str(e))
         if worker:  # the launching process reports and exits once every cell stopped
             console.print(f"[yellow]metatrain: {e}")
             return None
         interrupt.exit_after(e)  # under Slurm: submitit requeues the cell from here
     except MetatrainError as e:
+        if not main and not isinstance(e, distributed.RankLost):
+            sys.exit(2)  # rank 0 says it; a fault only this rank saw reaches it (RankLost)
         if not multirun:
-            if _created["root"] is not None:
+            if _created["root"] is not None and main:
                 remove_if_nothing_kept(run_dir, _created["root"])
             _fail(str(e))
         (run_dir / "error.txt").write_text(f"{e}\n")
@@ -195,9 +207,9 @@ def _run_locked(cfg, run_dir, multirun, worker, fresh, console, train) -> float 
     finally:
         if fresh and not worker:
             interrupt.uninstall()
-    if multirun:
+    if multirun and main:
         sweep.record(run_dir, "finished")
-    else:
+    elif main:
         _figures(run_dir, console)
     console.detach_log()
     return results["test"]["acc"]

@@ -127,6 +127,9 @@ class TrainConfig:
     nonfinite_patience: int = 10  # skips in a row after which `skip` stops too
     # torch's CPU threads: auto = the CPUs others leave idle (metatrain/threads.py), or a count
     threads: str = "auto"
+    # A distributed run (metatrain/distributed.py): seconds a collective waits for the
+    # other ranks before the run stops with a line naming the one that is gone
+    dist_timeout_s: float = 300.0
 
 
 @dataclass

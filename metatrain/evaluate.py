@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from metatrain import distributed
 from metatrain.algorithms import MetaLearner
 from metatrain.data.tasks import FixedTasks
 
@@ -22,8 +23,9 @@ def mean_ci95(per_task_acc: torch.Tensor) -> tuple[float, float]:
 
 
 def _all_logits(learner: MetaLearner, tasks: FixedTasks, batch: int) -> torch.Tensor:
-    # (tasks, ways*queries, ways), detached, on the training device
-    return torch.cat([learner.predict(b) for b in tasks.batches(batch)])
+    # (tasks, ways*queries, ways), detached, on the training device; in a distributed
+    # run each rank adapts whole batches in turn and all gather them (the same numbers)
+    return torch.cat(distributed.gather_batches(learner.predict, tasks.batches(batch)))
 
 
 def _labels(tasks: FixedTasks, batch: int) -> torch.Tensor:

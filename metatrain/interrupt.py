@@ -85,6 +85,12 @@ def requested() -> int | None:
     return _state["signum"]
 
 
+def request(signum: int) -> None:
+    """Act as if `signum` had arrived here (another rank of a distributed run got it)."""
+    if _state["signum"] is None:
+        _state["signum"] = signum
+
+
 @contextlib.contextmanager
 def deferred(iteration: int):
     """Signals only set a flag in here; call `check(iteration)` at safe points."""
@@ -106,7 +112,8 @@ def reached(iteration: int) -> None:
 def exit_after(e: Interrupted) -> None:
     """Print the one line, let a handler that was there before ours act (submitit
     requeues), then exit with 128 + the signal number."""
-    print(f"metatrain: {e}", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # a distributed run's ranks stop as one: one line
+        print(f"metatrain: {e}", file=sys.stderr, flush=True)
     previous = _previous.get(e.signum)
     if callable(previous) and previous is not signal.default_int_handler:
         previous(e.signum, None)

@@ -27,6 +27,7 @@ NON_MATH_KEYS = (
     "train.nonfinite",  # guards: a finite run computes the same either way
     "train.nonfinite_patience",
     "train.threads",  # how many CPU threads compute the same operators
+    "train.dist_timeout_s",  # how long a distributed run waits for a lost rank
     "eval.batch",  # tasks adapted at once; each task's result is its own
 )
 

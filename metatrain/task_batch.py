@@ -12,6 +12,9 @@ class TaskBatch:
     ys: torch.Tensor  # (tasks, ways*shots) labels in [0, ways)
     xq: torch.Tensor  # (tasks, ways*queries, C, H, W)
     yq: torch.Tensor  # (tasks, ways*queries)
+    # A distributed run's shard of a meta-batch: (its first task, the full batch's
+    # tasks); None for a whole batch (metatrain/distributed.py)
+    shard: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return self.xs.shape[0]

@@ -72,6 +72,11 @@ def choose(
     if slurm.isdigit() and int(slurm) > 0:
         limit = min(limit, int(slurm))
         where = f"SLURM_CPUS_PER_TASK={slurm}, {cpus} CPU{'s' * (cpus != 1)} allowed"
+    local = env.get("LOCAL_WORLD_SIZE", "").strip()
+    # a distributed run's processes on this machine share its CPUs (a Slurm task has its own)
+    if local.isdigit() and int(local) > 1 and not slurm.isdigit():
+        limit = max(1, limit // int(local))
+        where += f", shared by {local} processes"
     if env.get("SLURM_JOB_ID"):
         return limit, f"auto: {where}, a Slurm job's own CPUs"
     load = _loadavg() if load == -1.0 else load

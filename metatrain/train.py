@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metatrain import checkpoint, header, interrupt, rng, run_lock, threads
+from metatrain import checkpoint, distributed, header, interrupt, rng, run_lock, threads
 from metatrain.algorithms import build_learner, learner_class
 from metatrain.algorithms.inner import setup_device
 from metatrain.datasets import load_placed
@@ -70,18 +70,25 @@ def _check_settings(cfg) -> None:
         raise MetatrainError(f"dataset.queries={cfg.dataset.queries}: evaluation needs queries")
 
 
-def train(cfg, run_dir: Path | None = None, rank: int = 0) -> dict:
+def train(cfg, run_dir: Path | None = None, rank: int | None = None) -> dict:
     """Train the run in `run_dir` (Hydra's output directory by default), resuming it
     if it has a last.pt, and return its results. The run directory is locked first
     (metatrain/run_lock.py) and stays locked until this returns or raises; `rank`:
-    a distributed run's process index, of which only rank 0 takes the lock."""
+    a distributed run's process index (default: as its launcher set it), of which
+    only rank 0 takes the lock."""
     run_dir = Path(run_dir) if run_dir else run_dir_of(cfg)
+    rank = distributed.env_rank() if rank is None else rank
     if not is_writable_dir(run_dir):
         raise MetatrainError(
             f"cannot write to the output directory {run_dir}; choose another with hydra.run.dir=..."
         )
     with run_lock.hold(run_dir, rank):  # before anything in run_dir is read or written
-        return _train(cfg, run_dir)
+        try:
+            return _train(cfg, run_dir)
+        except MetatrainError as e:
+            if not isinstance(e, distributed.RankLost):
+                distributed.report_failure(str(e))  # for the ranks this one leaves behind
+            raise
 
 
 def _train(cfg, run_dir: Path) -> dict:
@@ -90,7 +97,9 @@ def _train(cfg, run_dir: Path) -> dict:
     results_path = run_dir / "results.json"
     fingerprint = checkpoint.config_fingerprint(cfg)
     _check_settings(cfg)
-    device = resolve_device(cfg.device.value)
+    device = distributed.place(resolve_device(cfg.device.value))
+    ranks = distributed.setup(device, cfg.train.dist_timeout_s)
+    main = distributed.is_main()  # only rank 0 writes files and logs
     n_threads, why = threads.apply(cfg.train.threads)
     for line in header.lines(cfg, run_dir, str(device), n_threads, why):
         console.print(line, markup=False, highlight=False)
@@ -108,10 +117,12 @@ def _train(cfg, run_dir: Path) -> dict:
         console.print(f"[bold green]{shown}\nresults: {results_path}")
         return results
     resume = checkpoint.load(last_path) if last_path.exists() else None
+    distributed.barrier("start-up")  # every rank has read last.pt before rank 0 writes it
     if resume is not None:
         checkpoint.check_same_config(resume["config"], fingerprint, last_path)
         if resume.get("results") is not None:  # results.json was removed: write it back
-            save_json(resume["results"], results_path)
+            if main:
+                save_json(resume["results"], results_path)
             console.print(f"[green]{run_dir} is finished; results.json rewritten from {last_path}")
             return resume["results"]
 
@@ -124,6 +135,16 @@ def _train(cfg, run_dir: Path) -> dict:
     splits = load_placed(ds, device)  # in memory on `device`, or memory-mapped
     model = build_model(cfg, device)
     learner = build_learner(cfg, model, device)
+    if ranks > 1 and learner.sequential():
+        raise MetatrainError(
+            f"{learner.sequential()}, so its tasks cannot be split across {ranks} "
+            "processes: run it in one process, or switch that option off"
+        )
+    if ranks > cfg.algorithm.meta_batch:
+        raise MetatrainError(
+            f"algorithm.meta_batch={cfg.algorithm.meta_batch} tasks cannot be shared by "
+            f"{ranks} processes: start at most {cfg.algorithm.meta_batch}"
+        )
     train_shots, train_queries = learner.train_shape(ds.shots, ds.queries)
     train_sampler, val_tasks, test_tasks = task_sets(
         cfg, splits, device, train_shots, train_queries
@@ -148,6 +169,9 @@ def _train(cfg, run_dir: Path) -> dict:
 
     def save_last(iteration: int, results: dict | None = None, elapsed: float = 0.0) -> None:
         nonlocal intact
+        if not main:  # rank 0's file is every rank's (their states are identical)
+            intact = iteration
+            return
         checkpoint.save(
             {
                 "iteration": iteration,
@@ -172,7 +196,7 @@ def _train(cfg, run_dir: Path) -> dict:
     wall_before = wall  # this session's share of the wall time gives sec_per_iter
     interrupt.reached(start)
     with interrupt.deferred(start):  # from here a signal stops the loop between iterations
-        logger = RunLogger(cfg, run_dir, start, t.iterations, wall)
+        logger = RunLogger(cfg, run_dir, start, t.iterations, wall) if main else _Silent()
     sums, n_sum, t0 = interval["sums"], interval["n"], time.perf_counter()
     sums = None if sums is None else torch.tensor(sums, device=device)
     tick, ticked = t0 - interval["elapsed"], interval["from"]
@@ -180,10 +204,18 @@ def _train(cfg, run_dir: Path) -> dict:
         with interrupt.deferred(start):
             for it in range(start, t.iterations):
                 batch = train_sampler.sample(cfg.algorithm.meta_batch, generator)
+                batch = distributed.shard(batch)  # this rank's tasks (all of them in one)
                 metrics = guard.step(batch, it)  # None: a non-finite step, undone
+                step = None
                 if metrics is not None:
                     # Sum on device; .item() only at log time: no sync per iteration.
                     step = torch.stack([metrics["loss"].detach(), metrics["acc"].detach()])
+                    step = step * distributed.share(batch)
+                # Over ranks: the full batch's metrics, and a signal any rank received
+                step, signum = distributed.tally(step, interrupt.requested())
+                if signum is not None:
+                    interrupt.request(signum)
+                if step is not None:
                     sums = step if sums is None else sums + step
                     n_sum += 1
                 done = it + 1
@@ -197,13 +229,16 @@ def _train(cfg, run_dir: Path) -> dict:
                         logged |= {"train/loss": loss, "train/acc": 100 * acc}
                     logger.log(logged, step=done)
                     sums, n_sum, tick, ticked = None, 0, now, done
+                    distributed.check_identical(learner.net, done)
                 paused = time.perf_counter()  # validation and saving stay out of time/iter_s
                 validating = val_tasks is not None
                 if validating and (done % t.val_interval == 0 or done == t.iterations):
                     with activity("validation", len(val_tasks), "tasks", announce=False) as step:
                         val = evaluate(_Counting(learner, step), val_tasks, cfg.eval.batch)
                     logger.log({"val/acc": val["acc"], "val/acc_ci95": val["ci95"]}, step=done)
-                    best = _keep_best(best, val["acc"], done, learner, ckpt_dir, t.keep_best)
+                    best = _keep_best(
+                        best, val["acc"], done, learner, ckpt_dir, t.keep_best, write=main
+                    )
                 saving = done % t.checkpoint_interval == 0 or done == t.iterations
                 if saving or interrupt.requested():
                     wall += time.perf_counter() - t0
@@ -211,10 +246,12 @@ def _train(cfg, run_dir: Path) -> dict:
                     save_last(done, elapsed=paused - tick)
                 tick += time.perf_counter() - paused
                 if interrupt.requested():
+                    distributed.barrier("the interrupt")  # last.pt is written: all stop
                     raise interrupt.Interrupted(interrupt.requested(), done)
             wall += time.perf_counter() - t0
         interrupt.reached(t.iterations)
 
+        distributed.barrier("the end of meta-training")  # rank 0's best-k files exist
         members = load_members(best, cfg.eval.ensemble_top_k, ckpt_dir)
         # One pass over the tasks per member, and one more for the last parameters
         # unless the single model is the best member (meta_test.test_block).
@@ -243,11 +280,14 @@ def _train(cfg, run_dir: Path) -> dict:
             if start < t.iterations
             else None,
             "device": str(device),
+            "world_size": ranks,
             "overrides": overrides_of(),
             "config": fingerprint,
         }
-        save_json(results, results_path)
+        if main:
+            save_json(results, results_path)
         save_last(t.iterations, results)
+        distributed.barrier("the end of the run")  # results.json is written
         logger.finish({**summary_metrics(test), "algorithm": results["algorithm"]})
     except DiskFull as e:
         logger.finish()
@@ -277,16 +317,33 @@ class _Counting:
 
     def predict(self, batch, *args, **kwargs):
         out = self._learner.predict(batch, *args, **kwargs)
-        self._step(len(out))  # (tasks, ways*queries, ways)
+        # (tasks, ways*queries, ways); every rank computes a like share of the set
+        self._step(len(out) * distributed.world())
         return out
 
 
-def _keep_best(best, acc, iteration, learner, ckpt_dir, keep):
-    """Save the network if it ranks among the `keep` best validation scores."""
+class _Silent:
+    """The logger of a distributed run's other ranks: rank 0 writes and shows."""
+
+    def advance(self, iteration: int) -> None:
+        pass
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def finish(self, summary: dict | None = None) -> None:
+        pass
+
+
+def _keep_best(best, acc, iteration, learner, ckpt_dir, keep, write=True):
+    """Save the network if it ranks among the `keep` best validation scores (the
+    files: only where `write`, rank 0 of a distributed run)."""
     ranked = sorted(
         best + [(acc, iteration, f"best-{iteration:07d}.pt")], key=lambda b: (-b[0], b[1])
     )
     kept, dropped = ranked[:keep], ranked[keep:]
+    if not write:
+        return kept
     if any(b[1] == iteration for b in kept):
         checkpoint.save(learner.net.state_dict(), ckpt_dir / f"best-{iteration:07d}.pt")
     for b in dropped:

@@ -349,13 +349,16 @@ def compose(setting: str, backend: str, extra: list[str]):
 def worker(job: dict) -> dict:
     import torch
 
+    from metatrain import distributed
     from metatrain.algorithms import build_learner
     from metatrain.algorithms.inner import setup_device
     from metatrain.data.tasks import EpisodeSampler
     from metatrain.models import build_model
 
     torch.set_num_threads(job["threads"])
-    device = torch.device(job["device"])
+    device = distributed.place(torch.device(job["device"]))
+    # --procs: this worker is one rank; each meta-step takes its shard of the batch
+    distributed.setup(device, 600)
     setting, impl = job["setting"], job.get("impl", "ours")
     kind = kind_of(setting)
     iteration = SETTINGS[setting][2]
@@ -382,9 +385,13 @@ def worker(job: dict) -> dict:
         evaluation = kind == "eval"
         picked = learner.backend_for(probe, iteration, evaluation)
         if evaluation:
-            step = lambda: learner.predict(sampler.sample(tasks, generator))
+            # every rank adapts its share of the tasks; the gather of the logits is
+            # left out (a few kB per batch)
+            step = lambda: learner.predict(distributed.shard(sampler.sample(tasks, generator)))
         else:
-            step = lambda: learner.meta_step(sampler.sample(tasks, generator), iteration)
+            step = lambda: learner.meta_step(
+                distributed.shard(sampler.sample(tasks, generator)), iteration
+            )
     elif impl == "naive":
         from bench_baselines import build_naive
 
@@ -503,6 +510,8 @@ def run_worker(job: dict, timeout: float) -> dict:
     if job["device"] == "cpu" and job.get("impl") == "authors":
         # their code takes the GPU whenever one is visible
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if job.get("procs", 1) > 1:
+        return _run_ranks(cmd, env, job, timeout)
     try:
         out = subprocess.run(
             cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env
@@ -512,6 +521,36 @@ def run_worker(job: dict, timeout: float) -> dict:
     if out.returncode != 0:
         return {**job, "error": _error_line(out.stderr)}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run_ranks(cmd, env, job, timeout) -> dict:
+    """The job as `procs` ranks of one distributed run; rank 0's row is the answer."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    n = job["procs"]
+    procs = []
+    for r in range(n):
+        rank_env = {**env, "RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_RANK": str(r),
+                    "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port)}  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                cmd, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        return {**job, "error": f"timed out after {timeout:.0f} s"}
+    for p, (_, err) in zip(procs, outs, strict=True):
+        if p.returncode != 0:
+            return {**job, "error": _error_line(err)}
+    return json.loads(outs[0][0].strip().splitlines()[-1])
 
 
 def _error_line(stderr: str) -> str:
@@ -752,6 +791,11 @@ def main(argv=None) -> int:
         "beside the MAML++ settings",
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument(
+        "--procs", type=int, default=1,
+        help="processes of one distributed run (gloo/NCCL), each with --threads threads: "
+        "ours only; compare --procs 2 --threads 1 with --procs 1 --threads 2",
+    )  # fmt: skip
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     p.add_argument(
         "--profile",
@@ -900,6 +944,7 @@ def main(argv=None) -> int:
                         "backend": "auto" if backend == "-" else backend,
                         "speed": speed,
                         "threads": threads,
+                        "procs": args.procs if impl == "ours" else 1,
                         "iters": args.iters,
                         "warmup": args.warmup,
                         "flops": not args.no_flops and rnd == 0,

@@ -28,6 +28,7 @@ NON_MATH_OVERRIDES = {
     "train.nonfinite": "train.nonfinite=skip",
     "train.nonfinite_patience": "train.nonfinite_patience=3",
     "train.threads": "train.threads=1",
+    "train.dist_timeout_s": "train.dist_timeout_s=60",
     "eval.batch": "eval.batch=3",
 }
 

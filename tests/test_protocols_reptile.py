@@ -39,7 +39,7 @@ def test_reptile_support_plus_query_is_one_pass_per_query(backend):
     # The fine-tuned weights, as predict computes them (same fixed minibatches).
     phi = {n: p.detach() for n, p in lrn.model.params().items()}
     g = torch.Generator().manual_seed(0)
-    w, _, _, _ = lrn._train_tasks(phi, batch.xs, batch.ys, 4, 6, g)
+    w, _, _, _ = lrn._train_tasks(phi, batch.xs, batch.ys, iters=4, batch=6, generator=g)
     want = torch.stack(
         [
             per_query_by_hand(lrn.model, {n: t[i] for n, t in w.items()}, batch.xs[i], batch.xq[i])

@@ -63,7 +63,10 @@ def test_conv_block_matches_reference_to_second_order(pool, stride, running):
         var = torch.rand(5, dtype=torch.float64) + 0.5
     outs = []
     for block in (reference_block, conv_block):
-        out, stats = block(*inputs, mean, var, stride, pool)
+        x, w, b, gamma, beta = inputs
+        out, stats = block(
+            x, w, b, gamma=gamma, beta=beta, mean=mean, var=var, stride=stride, pool=pool
+        )
         probe = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
         g1 = torch.autograd.grad((out * probe).sum() + (out**2).sum(), inputs, create_graph=True)
         g2 = torch.autograd.grad(sum((g**2).sum() for g in g1), inputs)
@@ -79,8 +82,9 @@ def test_conv_block_matches_reference_to_second_order(pool, stride, running):
 def test_conv_block_flips_only_where_needed_and_agrees_either_way():
     """With every gamma >= 0 the loop skips the sign flip; the result is the same."""
     inputs = block_inputs(negative=False)
-    out, _ = conv_block(*inputs)
-    ref, _ = reference_block(*inputs)
+    x, w, b, gamma, beta = inputs
+    out, _ = conv_block(x, w, b, gamma=gamma, beta=beta)
+    ref, _ = reference_block(x, w, b, gamma, beta)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 

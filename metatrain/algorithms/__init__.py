@@ -13,6 +13,7 @@ import functools
 import torch
 from torch import nn
 
+from metatrain import distributed
 from metatrain.registry import LEARNERS
 from metatrain.task_batch import TaskBatch
 
@@ -63,6 +64,18 @@ class MetaLearner:
     def meta_step(self, batch: TaskBatch, iteration: int) -> dict[str, torch.Tensor]:
         """One meta-update from a task batch; returns detached scalar metrics."""
         raise NotImplementedError
+
+    def average_over_ranks(self, tensors: list[torch.Tensor], batch: TaskBatch) -> None:
+        """In a distributed run, replace each tensor (in place) by its mean over the
+        whole meta-batch, `batch` being this rank's shard: what meta_step calls on the
+        shard's meta-gradients, displacements and statistics before applying them. A
+        no-op in one process."""
+        distributed.mean_(tensors, distributed.share(batch))
+
+    def sequential(self) -> str | None:
+        """Why this learner's tasks cannot be split across processes (each task
+        depends on the one before), or None when they can."""
+        return None
 
     def predict(self, batch: TaskBatch) -> torch.Tensor:
         """Adapt to each task's support set; query logits (tasks, ways*queries, ways)."""

@@ -12,13 +12,14 @@ inner loop (tests/test_anil.py checks the meta-gradient by hand).
 """
 
 from metatrain.algorithms import query_norm
+from metatrain.algorithms.maml_task import Passes
 
 
 def task_passes(
-    model, params, xs, xq, running, support_model, query_model, anil: bool, per_query=False
-):
-    """(support(fast, i), query(fast, i)) -> (logits, statistics) for one task, at
-    inner step i with adapted parameters `fast`, and prepare(i), to be called before
+    model, params, xs, xq, *, running, support_model, query_model, anil: bool, per_query=False
+) -> Passes:
+    """Passes: support(fast, i) and query(fast, i) -> (logits, statistics) for one task,
+    at inner step i with adapted parameters `fast`, and prepare(i), to be called before
     step i's inner gradient: ANIL's features must be computed outside that gradient's
     transform, or the cached tensors would leak out of it. With `per_query` each query
     is normalised with the support set alone (query_norm.py; statistics None)."""
@@ -33,7 +34,7 @@ def task_passes(
                 return query_norm.one_task(lambda x: model(fast, x, step=i)[0], xs, xq), None
             return query_model(fast, xq, step=i, running=running)
 
-        return support, query, lambda i: None
+        return Passes(support, query)
     per_step = model.trunk_varies_with_step(running)
     cache = {}
 
@@ -61,4 +62,4 @@ def task_passes(
         h, s = features(xq, "query", i)
         return model.head(fast, h), s
 
-    return support, query, prepare
+    return Passes(support, query, prepare)

@@ -22,9 +22,10 @@ Li, Zhou, Chen, Li. "Meta-SGD: Learning to Learn Quickly for Few-Shot
 Learning", 2017: `metasgd`, a learned inner rate per parameter element
 (metatrain/algorithms/rates.py).
 
-The task function is written once; the per-task loop computes inner gradients
-with torch.autograd.grad, the batched backend with torch.func.grad under
-torch.func.vmap. Both give the same meta-gradient (tests/test_maml.py).
+The task function is written once (maml_task.task_loss); the backends below wrap
+it: the per-task loop computes inner gradients with torch.autograd.grad, the batched
+backend with torch.func.grad under torch.func.vmap, channel groups run it over a
+whole batch (maml_groups.py). Both give the same meta-gradient (tests/test_maml.py).
 With train.inner_checkpoint, second-order meta-gradients are computed by
 recomputing each inner step during the backward sweep (recompute.py).
 """
@@ -32,6 +33,7 @@ recomputing each inner step during the backward sweep (recompute.py).
 import math
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +44,16 @@ from metatrain.algorithms.anil import task_passes
 from metatrain.algorithms.inner import (
     GRADS,
     SpeedOptions,
+    grads_autograd,
+    grads_func,
     pick_backend,
     requested_backend,
     task_pixels,
 )
-from metatrain.algorithms.maml_groups import run_tasks
+from metatrain.algorithms.maml_groups import grouped_tasks
+from metatrain.algorithms.maml_task import InnerLoop, InnerRule, TaskOut, task_loss
 from metatrain.algorithms.rates import InnerRates
-from metatrain.algorithms.recompute import accumulate_grads, recomputed_task
+from metatrain.algorithms.recompute import accumulate_grads, map_tree, recomputed_task
 from metatrain.config import AlgorithmConfig
 from metatrain.errors import MetatrainError
 from metatrain.models.kernels import to_channels_last
@@ -334,6 +339,9 @@ class Maml(MetaLearner):
             return examples / self.shots
         return 1.0
 
+    def _ce(self, logits, labels):
+        return F.cross_entropy(logits, labels) * self.loss_scale(labels.shape[-1])
+
     def _rates(self) -> dict | None:
         return self.net["rates"].tensors() if "rates" in self.net else None
 
@@ -343,6 +351,27 @@ class Maml(MetaLearner):
             return torch.addcmul(p, self.net["rates"].pick(rates[name], step), g, value=-1)
         return torch.add(p, g, alpha=-self.cfg.inner_lr)
 
+    def rule(self, rates: dict | None, grads=grads_autograd) -> InnerRule:
+        """This learner's inner update with the inner rates `rates` (learned ones, or
+        None for the fixed algorithm.inner_lr), its gradients taken by `grads`."""
+        return InnerRule(
+            adapted=tuple(self.adapted),
+            sgd=lambda p, g, name, step: self._sgd(p, g, name, step, rates),
+            support_loss=self._ce,
+            query_loss=self._ce,
+            grads=grads,
+        )
+
+    def passes(self, params, xs, xq, run: InnerLoop, *, support_model=None, query_model=None):
+        """The network's passes over one task (anil.task_passes), eager unless given."""
+        eager = self.model
+        return task_passes(
+            eager, params, xs, xq, running=run.running,
+            support_model=eager if support_model is None else support_model,
+            query_model=eager if query_model is None else query_model,
+            anil=self.cfg.anil, per_query=run.per_query,
+        )  # fmt: skip
+
     def _model(self, differentiated_twice: bool):
         """The eager model, or the compiled one for a pass whose graph is
         differentiated at most once (compiled graphs have no double backward)."""
@@ -350,65 +379,72 @@ class Maml(MetaLearner):
             return self.model
         return self._compiled
 
-    def _task(
-        self, params, rates, xs, ys, xq, yq, steps, weights, create_graph, backend, running,
-        per_query=False,
-    ):  # fmt: skip
-        """Adapt on one task's support set; weighted query loss, final accuracy, final
-        query logits and the support batches' normalisation statistics
-        (steps, *the backbone's statistics shape))."""
-        fast = dict(
-            self.task_start(params, xs, ys, lambda p, x: self.model.trunk(p, x, 0, running)[0])
-        )
-        loss = xq.new_zeros(())
-        stats = []
-        logits = None
-        grads_fn = GRADS[backend]
-        # Compiled models only in the loop (torch.compile does not nest inside vmap),
-        # and CUDA graphs only in first-order runs, not beside double-backward graphs.
-        compiled = backend == "loop" and not (self.speed.cuda_graphs and create_graph)
-        support_model = self._model(create_graph or not compiled)
-        query_model = self._model(not compiled)  # the outer backward goes through it once
-        support, query, prepare = task_passes(
-            self.model, params, xs, xq, running, support_model, query_model, self.cfg.anil,
-            per_query,
-        )  # fmt: skip
-        for i in range(steps):
-            prepare(i)
-
-            def support_loss(adapted, i=i):
-                out, s = support({**fast, **adapted}, i)
-                return F.cross_entropy(out, ys) * self.loss_scale(ys.shape[-1]), s
-
-            grads, s = grads_fn(support_loss, {n: fast[n] for n in self.adapted}, create_graph)
-            stats.append(s)
-            fast.update({n: self._sgd(fast[n], grads[n], n, i, rates) for n in self.adapted})
-            # The query pass runs where the loss uses it, and at the last step for the
-            # accuracy and logits; never twice for one step.
-            if weights[i] != 0.0 or i == steps - 1:
-                logits, _ = query(fast, i)
-                if weights[i] != 0.0:
-                    ce = F.cross_entropy(logits, yq) * self.loss_scale(yq.shape[-1])
-                    loss = loss + weights[i] * ce
-        acc = (logits.argmax(-1) == yq).float().mean()
-        return loss, acc, logits, torch.stack(stats)
-
     # -- a batch of tasks -----------------------------------------------------
 
+    def _task_fn(self, params, rates, run: InnerLoop, *, backend: str, recompute: bool):
+        """task_loss (or its recomputed form) as a function of one task's tensors
+        (xs, ys, xq, yq) -> TaskOut, with the models and gradients `backend` runs."""
+        if recompute:  # eager passes, functional gradients; d loss / d meta by value
+            return lambda xs, ys, xq, yq: recomputed_task(
+                params, rates, ys, yq, run=run,
+                passes=lambda p: self.passes(p, xs, xq, run),
+                rule=lambda r: self.rule(r, grads_func),
+            )  # fmt: skip
+        # Compiled models only in the loop (torch.compile does not nest inside vmap),
+        # and CUDA graphs only in first-order runs, not beside double-backward graphs.
+        compiled = backend == "loop" and not (self.speed.cuda_graphs and run.create_graph)
+        models = {
+            "support_model": self._model(run.create_graph or not compiled),
+            "query_model": self._model(not compiled),  # the outer backward runs through it once
+        }
+        rule = self.rule(rates, GRADS[backend])
+
+        def one(xs, ys, xq, yq):
+            passes = self.passes(params, xs, xq, run, **models)
+            start = self.task_start(
+                params, xs, ys, lambda p, x: self.model.trunk(p, x, 0, run.running)[0]
+            )
+            return task_loss(start, ys, yq, passes=passes, rule=rule, run=run)
+
+        return one
+
+    def _chunk_fn(self, params, rates, run: InnerLoop, *, backend: str, recompute: bool):
+        """A function of a chunk of tasks (xs, ys, xq, yq), each (chunk, ...) -> TaskOut
+        stacked over the chunk: task_loss run by `backend`."""
+        if backend == "groups":
+            return partial(grouped_tasks, learner=self, params=params, rates=rates, run=run)
+        one = self._task_fn(params, rates, run, backend=backend, recompute=recompute)
+
+        def autocast(*task):
+            with self.speed.autocast():
+                return one(*task)
+
+        if backend == "loop":  # one task: (1, ...) in, (1, ...) out; its gradients as they are
+            return lambda *task: autocast(*(t[0] for t in task)).map(lambda t: t.unsqueeze(0))
+        randomness = "different" if self.model.stochastic else "error"
+        batched = torch.func.vmap(autocast, randomness=randomness)
+        if not recompute:
+            return batched
+
+        def summed(*task):  # (chunk, ...) per-task gradients -> their sum
+            out = batched(*task)
+            return out._replace(grads=map_tree(lambda t: t.sum(0), out.grads))
+
+        return summed
+
     def _tasks(
-        self, batch, params, rates, steps, weights, create_graph, backend, running, backward,
-        per_query=False,
-    ):  # fmt: skip
-        """Run every task of the batch, one at a time (loop) or in vmapped chunks.
+        self, batch: TaskBatch, params, rates, run: InnerLoop, *, backend: str, backward: bool
+    ) -> TaskOut:
+        """Run every task of the batch, one at a time (loop), in vmapped chunks or as
+        channel groups.
 
         With `backward`, the mean loss is backpropagated chunk by chunk so that
         only one chunk's unrolled graph is alive at a time (with inner_checkpoint,
-        one inner step's). Returns detached (losses, accs, logits, stats), each
-        stacked over tasks.
+        one inner step's). Returns the tasks' detached results, stacked over tasks.
         """
         n = len(batch)
         chunk = 1 if backend == "loop" else (self.train_cfg.vmap_chunk or n)
-        recompute = backward and create_graph and self.recompute
+        recompute = backward and run.create_graph and self.recompute
         self.speed.step_begin()
         xs, xq = batch.xs, batch.xq
         if backend == "loop" and self.speed.channels_last:
@@ -417,61 +453,38 @@ class Maml(MetaLearner):
         if recompute:  # plain tensors in; the gradients come back as values
             params = {k: p.detach() for k, p in params.items()}
             rates = None if rates is None else {k: r.detach() for k, r in rates.items()}
-
-        def one(xs, ys, xq, yq):
-            with self.speed.autocast():
-                if recompute:
-                    return recomputed_task(self, params, rates, xs, ys, xq, yq, steps, weights)
-                return self._task(
-                    params, rates, xs, ys, xq, yq, steps, weights, create_graph, backend, running,
-                    per_query,
-                )  # fmt: skip
-
+        run_chunk = self._chunk_fn(params, rates, run, backend=backend, recompute=recompute)
         parts = []
         for i in range(0, n, chunk):
-            args = (xs[i : i + chunk], batch.ys[i : i + chunk], xq[i : i + chunk])
-            args = (*args, batch.yq[i : i + chunk])
-            if backend == "groups":
-                out = run_tasks(
-                    self, params, rates, *args, steps, weights, create_graph, running, per_query
-                )
-            elif backend == "loop":
-                out = one(*(a[0] for a in args))
-                out = [*(x.unsqueeze(0) for x in out[:4]), *out[4:]]
-            else:
-                randomness = "different" if self.model.stochastic else "error"
-                out = list(torch.func.vmap(one, randomness=randomness)(*args))
-                if recompute:  # (chunk, ...) per-task gradients -> their sum
-                    out[4] = {g: {k: t.sum(0) for k, t in d.items()} for g, d in out[4].items()}
+            rows = slice(i, i + chunk)
+            out = run_chunk(xs[rows], batch.ys[rows], xq[rows], batch.yq[rows])
             if recompute:
-                accumulate_grads(self.net, out[4], n)
+                accumulate_grads(self.net, out.grads, n)
             elif backward:
-                (out[0].sum() / n).backward()
-            parts.append([x.detach() for x in out[:4]])
-        if len(parts) == 1:
-            return parts[0]
-        return [torch.cat([p[k] for p in parts]) for k in range(4)]
+                (out.loss.sum() / n).backward()
+            parts.append(out.map(torch.Tensor.detach)._replace(grads={}))
+        return parts[0] if len(parts) == 1 else TaskOut.cat(parts)
 
     def meta_gradient(self, batch: TaskBatch, iteration: int, backend: str | None = None):
         """Accumulate the meta-gradient of the mean task loss into .grad; returns
         (mean loss, mean accuracy, per-step statistics averaged over tasks)."""
         second = self.second_order(iteration)
-        losses, accs, _, stats = self._tasks(
-            batch,
-            self.model.params(),
-            self._rates(),
-            self.cfg.train_steps,
-            self.step_weights(iteration),
-            second,
-            backend or self.backend(second, batch),
-            False,
-            backward=True,
+        run = InnerLoop(
+            steps=self.cfg.train_steps,
+            weights=tuple(self.step_weights(iteration)),
+            create_graph=second,
         )
-        return losses.mean(), accs.mean(), stats.mean(0)
+        out = self._tasks(
+            batch, self.model.params(), self._rates(), run,
+            backend=backend or self.backend(second, batch), backward=True,
+        )  # fmt: skip
+        return out.loss.mean(), out.acc.mean(), out.stats.mean(0)
 
     def meta_step(self, batch: TaskBatch, iteration: int) -> dict[str, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         loss, acc, stats = self.meta_gradient(batch, iteration)
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        self.average_over_ranks([*grads, stats], batch)  # a distributed run's shards
         if self.cfg.grad_clip > 0:
             # Element-wise, on the network's parameters only, as both published MAML
             # implementations clip (MAML++'s meta_update clamps its classifier's
@@ -490,11 +503,10 @@ class Maml(MetaLearner):
         params = {n: p.detach() for n, p in self.model.params().items()}
         rates = self._rates()
         rates = None if rates is None else {n: r.detach() for n, r in rates.items()}
-        out = self._tasks(
-            batch, params, rates, steps, [0.0] * steps, False, backend, self.bn_running, False,
-            self.per_query,
-        )  # fmt: skip
-        logits = out[2]
+        run = InnerLoop(
+            steps=steps, weights=(0.0,) * steps, running=self.bn_running, per_query=self.per_query
+        )
+        logits = self._tasks(batch, params, rates, run, backend=backend, backward=False).logits
         return logits.float() if logits.dtype == torch.bfloat16 else logits
 
     # -- checkpoints ----------------------------------------------------------

@@ -21,17 +21,15 @@ in the per-task loop and under vmap.
 """
 
 import torch
-import torch.nn.functional as F
 
-from metatrain.algorithms.anil import task_passes
-from metatrain.algorithms.inner import grads_func
+from metatrain.algorithms.maml_task import InnerLoop, TaskOut, inner_step
 
 
-def _map(f, *trees: dict) -> dict:
+def map_tree(f, *trees: dict) -> dict:
     """f over the leaves of equally shaped nested dicts of tensors."""
     first = trees[0]
     if isinstance(first, dict):
-        return {k: _map(f, *(t[k] for t in trees)) for k in first}
+        return {k: map_tree(f, *(t[k] for t in trees)) for k in first}
     return f(*trees)
 
 
@@ -51,7 +49,7 @@ def recomputed_meta_grads(step_fn, query_fn, theta0: dict, meta: dict, steps: in
             thetas.append(theta)
             stats.append(s)
 
-    g_meta = _map(torch.zeros_like, meta)
+    g_meta = map_tree(torch.zeros_like, meta)
     lam = {n: torch.zeros_like(t) for n, t in theta0.items()}
     loss, logits = None, None
     for i in reversed(range(steps)):
@@ -69,7 +67,7 @@ def recomputed_meta_grads(step_fn, query_fn, theta0: dict, meta: dict, steps: in
                 logits = q_logits
             if w != 0.0:
                 lam = {n: lam[n] + g_theta[n] for n in lam}
-                g_meta = _map(torch.add, g_meta, g_m)
+                g_meta = map_tree(torch.add, g_meta, g_m)
                 loss = w * q_loss if loss is None else loss + w * q_loss
 
         def step(theta, m, i=i):
@@ -77,7 +75,7 @@ def recomputed_meta_grads(step_fn, query_fn, theta0: dict, meta: dict, steps: in
 
         _, pull = torch.func.vjp(step, thetas[i], meta)
         lam, g_m = pull(lam)
-        g_meta = _map(torch.add, g_meta, g_m)
+        g_meta = map_tree(torch.add, g_meta, g_m)
     # theta_0 is the meta-parameters themselves
     g_model = dict(g_meta["model"])
     for n, g in lam.items():
@@ -85,36 +83,33 @@ def recomputed_meta_grads(step_fn, query_fn, theta0: dict, meta: dict, steps: in
     return loss, logits, torch.stack(stats), {**g_meta, "model": g_model}
 
 
-def recomputed_task(learner, params, rates, xs, ys, xq, yq, steps, weights):
-    """The MAML learner's task (loss, accuracy, final logits, statistics) plus the
-    task's meta-gradient {"model": ..., "rates": ...}; params and rates detached."""
-    model, anil = learner.model, learner.cfg.anil
+def recomputed_task(
+    params: dict, rates: dict | None, ys, yq, *, passes, rule, run: InnerLoop
+) -> TaskOut:
+    """maml_task.task_loss, plus the task's meta-gradient {"model": ..., "rates": ...}
+    in TaskOut.grads. params and rates come in detached; passes(model params) -> the
+    task's Passes and rule(rates) -> its InnerRule rebuild both from the meta-parameters
+    that recomputed_meta_grads differentiates."""
 
     def step_fn(i, theta, m, create_graph):
         fast = {**m["model"], **theta}
-        support, _, prepare = task_passes(model, m["model"], xs, xq, False, model, model, anil)
-        prepare(i)
-
-        def support_loss(adapted):
-            out, s = support({**fast, **adapted}, i)
-            return F.cross_entropy(out, ys) * learner.loss_scale(ys.shape[-1]), s
-
-        grads, s = grads_func(support_loss, theta, create_graph)
-        r = m["rates"] or None
-        return {n: learner._sgd(theta[n], grads[n], n, i, r) for n in theta}, s
+        fast, s = inner_step(
+            fast, i, ys, passes=passes(m["model"]), rule=rule(m["rates"] or None),
+            create_graph=create_graph,
+        )  # fmt: skip
+        return {n: fast[n] for n in theta}, s
 
     def query_fn(i, theta, m):
-        _, query, _ = task_passes(model, m["model"], xs, xq, False, model, model, anil)
-        logits, _ = query({**m["model"], **theta}, i)
-        return F.cross_entropy(logits, yq) * learner.loss_scale(yq.shape[-1]), logits
+        logits, _ = passes(m["model"]).query({**m["model"], **theta}, i)
+        return rule(m["rates"] or None).query_loss(logits, yq), logits
 
     meta = {"model": params, "rates": rates or {}}
-    theta0 = {n: params[n] for n in learner.adapted}
+    theta0 = {n: params[n] for n in rule(rates).adapted}
     loss, logits, stats, grads = recomputed_meta_grads(
-        step_fn, query_fn, theta0, meta, steps, weights
+        step_fn, query_fn, theta0, meta, run.steps, run.weights
     )
-    acc = (logits.argmax(-1) == yq).float().mean()
-    return loss, acc, logits, stats, grads
+    acc = (logits.argmax(-1) == yq).float().mean(-1)
+    return TaskOut(loss, acc, logits, stats, grads)
 
 
 def accumulate_grads(net, grads: dict, n: int) -> None:

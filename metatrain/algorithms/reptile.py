@@ -25,6 +25,7 @@ support set plus that query alone, with batch statistics (query_norm.py).
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,36 @@ class ReptileConfig(AlgorithmConfig):
 
 
 INNER_BETAS = (0.0, 0.999)  # beta1 = 0 as published: no momentum across minibatches
+
+
+class Moments(NamedTuple):
+    """The inner Adam's first and second moments, by parameter name."""
+
+    m: dict
+    v: dict
+
+
+class Trained(NamedTuple):
+    """What inner training leaves, per task; a leading task dimension over a batch."""
+
+    weights: dict  # W, the trained weights
+    adam: Moments  # the inner optimiser's final moments
+    stats: torch.Tensor  # the minibatches' normalisation statistics, (iters, blocks, 2, C)
+    first: torch.Tensor  # logits of the starting weights on the first minibatch, (batch, ways)
+
+    @staticmethod
+    def stack(parts: list["Trained"]) -> "Trained":
+        """Tasks trained one at a time, stacked as a batched run returns them."""
+
+        def dicts(get):
+            return {k: torch.stack([get(p)[k] for p in parts]) for k in parts[0].weights}
+
+        return Trained(
+            dicts(lambda p: p.weights),
+            Moments(dicts(lambda p: p.adam.m), dicts(lambda p: p.adam.v)),
+            torch.stack([p.stats for p in parts]),
+            torch.stack([p.first for p in parts]),
+        )
 
 
 def minibatch_ids(n: int, iters: int, batch: int, generator: torch.Generator, tasks: int):
@@ -182,11 +213,9 @@ class Reptile(MetaLearner):
         size = self.cfg.eval_batch if evaluation else self.cfg.inner_batch
         return self.backend(batch.xs, size)
 
-    def _inner(self, params, xs, ys, ids, lr, grads_fn, start):
+    def _inner(self, params, xs, ys, ids, *, lr: float, grads_fn, start) -> Trained:
         """Train one task from params on minibatches xs[ids[i]], the optimiser starting
-        at `start` = (m, v, steps taken); returns W, the final (m, v), the batches'
-        normalisation statistics (iters, blocks, 2, C) and the logits of params on the
-        first minibatch (batch, ways)."""
+        at `start` = (m, v, steps taken), its gradients taken by grads_fn (inner.GRADS)."""
         fast = {n: p.clone() for n, p in params.items()}  # updated in place: phi's own copy
         m0, v0, t0 = start
         m = {n: t.clone() for n, t in m0.items()}
@@ -203,12 +232,11 @@ class Reptile(MetaLearner):
             stats.append(s)
             first = out if first is None else first
             self._update(fast, grads, m, v, t0 + i + 1, lr)
-        return fast, (m, v), torch.stack(stats), first
+        return Trained(fast, Moments(m, v), torch.stack(stats), first)
 
-    def _inner_groups(self, params, xs, ys, ids, lr, start):
-        """_inner for every task at once, tasks as channel groups: W and (m, v) stacked
-        (tasks, *shape), statistics (tasks, iters, blocks, 2, C) and first logits
-        (tasks, batch, ways)."""
+    def _inner_groups(self, params, xs, ys, ids, *, lr: float, start) -> Trained:
+        """_inner for every task at once, tasks as channel groups: the result stacked over
+        tasks (statistics (tasks, iters, blocks, 2, C))."""
         tasks = ids.shape[0]
         fast = task_groups.stack(params, tasks)
         m0, v0, t0 = start
@@ -222,40 +250,42 @@ class Reptile(MetaLearner):
             stats.append(s)
             first = out if first is None else first
             self._update(fast, grads, m, v, t0 + i + 1, lr)
-        return fast, (m, v), torch.stack(stats, 1), first
+        return Trained(fast, Moments(m, v), torch.stack(stats, 1), first)
 
     def _fresh_state(self, params) -> tuple[dict, dict, int]:
         zeros = {n: torch.zeros_like(p) for n, p in params.items()}
         return zeros, dict(zeros), 0
 
-    def _train_tasks(self, params, xs, ys, iters, batch, generator, start=None):
+    def _train_tasks(
+        self, params, xs, ys, *, iters: int, batch: int, generator, start=None, shard=None
+    ):
         """W for every task: dict of (tasks, *shape) tensors; the optimiser's final
         (m, v), stacked the same way; the mean statistics; and the first minibatch's
         logits of params and labels, (tasks, batch, ways) and (tasks, batch). Every
-        task's optimiser starts at `start` (m, v, steps taken), fresh if None."""
+        task's optimiser starts at `start` (m, v, steps taken), fresh if None. A
+        distributed shard (first task, full batch's tasks) draws the full batch's
+        minibatches and keeps its own, as one process would draw them."""
         tasks, n = ys.shape
-        ids = minibatch_ids(n, iters, min(batch, n), generator, tasks)
+        first, drawn = (0, tasks) if shard is None else shard
+        ids = minibatch_ids(n, iters, min(batch, n), generator, drawn)[first : first + tasks]
         backend = self.backend(xs, batch)
         grads_fn = GRADS.get(backend)
         lr = self.cfg.inner_lr
         start = self._fresh_state(params) if start is None else start
         if backend == "groups":
-            w, mv, stats, first = self._inner_groups(params, xs, ys, ids, lr, start)
-        elif backend == "loop":
-            outs = [
-                self._inner(params, xs[t], ys[t], ids[t], lr, grads_fn, start) for t in range(tasks)
-            ]
-            w = {k: torch.stack([o[0][k] for o in outs]) for k in params}
-            mv = tuple({k: torch.stack([o[1][j][k] for o in outs]) for k in params} for j in (0, 1))
-            stats = torch.stack([o[2] for o in outs])
-            first = torch.stack([o[3] for o in outs])
+            out = self._inner_groups(params, xs, ys, ids, lr=lr, start=start)
         else:
-            w, mv, stats, first = torch.func.vmap(
-                lambda x, y, i: self._inner(params, x, y, i, lr, grads_fn, start)
-            )(xs, ys, ids)
+
+            def one(x, y, i):
+                return self._inner(params, x, y, i, lr=lr, grads_fn=grads_fn, start=start)
+
+            if backend == "loop":
+                out = Trained.stack([one(xs[t], ys[t], ids[t]) for t in range(tasks)])
+            else:
+                out = torch.func.vmap(one)(xs, ys, ids)
         first_labels = torch.gather(ys, 1, ids[:, 0])
-        w = {k: t.detach() for k, t in w.items()}
-        return w, mv, stats.mean(0), (first, first_labels)
+        w = {k: t.detach() for k, t in out.weights.items()}
+        return w, out.adam, out.stats.mean(0), (out.first, first_labels)
 
     def _tasks_in_turn(self, phi, xs, ys, serial: bool, eps: float):
         """Meta-training tasks one after another: with `serial` (Algorithm 1) phi moves
@@ -268,8 +298,8 @@ class Reptile(MetaLearner):
         for t in range(xs.shape[0]):
             start = state.get() if state is not None else None
             w, (m, v), s, first = self._train_tasks(
-                phi, xs[t : t + 1], ys[t : t + 1], self.cfg.inner_iters, self.cfg.inner_batch,
-                self.generator, start,
+                phi, xs[t : t + 1], ys[t : t + 1], iters=self.cfg.inner_iters,
+                batch=self.cfg.inner_batch, generator=self.generator, start=start,
             )  # fmt: skip
             if state is not None:
                 state.set({k: x[0] for k, x in m.items()}, {k: x[0] for k, x in v.items()},
@@ -282,6 +312,13 @@ class Reptile(MetaLearner):
         w = {k: torch.cat([x[k] for x in ws]) for k in phi}
         first = tuple(torch.cat(parts) for parts in zip(*firsts))
         return phi, w, torch.stack(stats), first
+
+    def sequential(self) -> str | None:
+        if self.cfg.serial:
+            return "algorithm.serial=true moves phi after each task in turn"
+        if self.carry:
+            return "algorithm.inner_state=carry passes the inner Adam from task to task"
+        return None
 
     @torch.no_grad()
     def meta_step(self, batch: TaskBatch, iteration: int) -> dict[str, torch.Tensor]:
@@ -302,10 +339,13 @@ class Reptile(MetaLearner):
         else:
             # Algorithm 2: the mean of the tasks' displacements, tasks batched.
             w, _, stats, first = self._train_tasks(
-                phi, batch.xs, batch.ys, self.cfg.inner_iters, self.cfg.inner_batch, self.generator
-            )
-            phi = {n: phi[n] + eps * (w[n].mean(0) - phi[n]) for n in phi}
-            self.model.update_running_stats(stats.mean(0, keepdim=True))
+                phi, batch.xs, batch.ys, iters=self.cfg.inner_iters, batch=self.cfg.inner_batch,
+                generator=self.generator, shard=batch.shard,
+            )  # fmt: skip
+            mean_w, stats = {n: w[n].mean(0) for n in phi}, stats.mean(0, keepdim=True)
+            self.average_over_ranks([*mean_w.values(), stats], batch)  # a distributed run
+            phi = {n: phi[n] + eps * (mean_w[n] - phi[n]) for n in phi}
+            self.model.update_running_stats(stats)
         for n, p in params.items():
             p.copy_(phi[n])
         # For the log: the loss and accuracy of the weights each task started from on
@@ -326,8 +366,9 @@ class Reptile(MetaLearner):
         # and leaves it as it was (the authors restore it after each test task).
         start = self.net["adam"].get() if self.carry else None
         w, _, _, _ = self._train_tasks(
-            phi, batch.xs, batch.ys, self.cfg.eval_iters, self.cfg.eval_batch, g, start
-        )
+            phi, batch.xs, batch.ys, iters=self.cfg.eval_iters, batch=self.cfg.eval_batch,
+            generator=g, start=start,
+        )  # fmt: skip
         running = self.bn_eval == "running"
         groups = self.backend(batch.xs, self.cfg.eval_batch) == "groups"
         if self.bn_eval == "support_plus_query":

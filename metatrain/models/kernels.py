@@ -27,7 +27,7 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(-3, -1).contiguous().movedim(-1, -3)  # (..., H, W, C) in memory
 
 
-def _conv_backward(gy, x, w, stride: int, mask: list[bool], groups: int = 1, padding=(1, 1)):
+def _conv_backward(gy, x, w, *, stride: int, mask: list[bool], groups: int = 1, padding=(1, 1)):
     """(grad x, grad w, grad b) of conv2d(x, w, b, stride, padding, groups=groups) for
     output grad gy, from the backend's own backward kernels; `mask` picks which are
     computed."""
@@ -77,7 +77,8 @@ class ConvGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(gy, x, w, stride, need_x, groups, padding):
-        return _conv_backward(gy, x, w, stride, [need_x, True, True], groups, padding)
+        mask = [need_x, True, True]
+        return _conv_backward(gy, x, w, stride=stride, mask=mask, groups=groups, padding=padding)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -100,13 +101,19 @@ class ConvGrad(torch.autograd.Function):
             d_gy = d_gy + F.conv2d(ggx, w, None, s, p, 1, g)
         d_x = d_w = None
         if ctx.needs_input_grad[1]:
-            d_x = _conv_backward(gy, x, ggw, s, [True, False, False], g, p)[0]
+            d_x = _conv_backward(
+                gy, x, ggw, stride=s, mask=[True, False, False], groups=g, padding=p
+            )
+            d_x = d_x[0]
         if ctx.needs_input_grad[2] and use_gx:
-            d_w = _conv_backward(gy, ggx, w, s, [False, True, False], g, p)[1]
+            d_w = _conv_backward(
+                gy, ggx, w, stride=s, mask=[False, True, False], groups=g, padding=p
+            )
+            d_w = d_w[1]
         return d_gy, d_x, d_w, None, None, None, None
 
 
-def conv3x3(x, w, b, stride: int = 1, groups: int = 1, same: bool = False):
+def conv3x3(x, w, b, *, stride: int = 1, groups: int = 1, same: bool = False):
     """conv2d(x, w, b, stride, padding=1, groups=groups): Conv3x3, except under torch.func transforms
     (vmap runs convolution_backward of batched weights 3x slower than its own
     batched conv rules; measured), under autocast (whose casts it would repeat) and
@@ -146,6 +153,7 @@ def conv_block(
     x,
     w,
     b,
+    *,
     gamma,
     beta,
     mean=None,
@@ -181,7 +189,9 @@ def conv_block(
         w, b, gamma = w * sign.view(-1, 1, 1, 1), b * sign, gamma * sign
         if mean is not None:
             mean = mean * sign
-    y = conv3x3(x, w, b, stride, groups, same)  # (N, C, H, W), times sign if flipped
+    y = conv3x3(
+        x, w, b, stride=stride, groups=groups, same=same
+    )  # (N, C, H, W), times sign if flipped
     batch_mean, batch_var = batch_stats(y)
     if mean is None:
         mean, var = batch_mean, batch_var
