@@ -37,7 +37,7 @@ def usage() -> str:
     from metatrain.registry import LEARNERS  # each learner declares its own (eval_keys)
 
     learners = "\n".join(
-        f"  {e.name}: " + " ".join(f"algorithm.{k}" for k in e.target.eval_keys)
+        f"  {e.name}: " + (" ".join(f"algorithm.{k}" for k in e.target.eval_keys) or "(none)")
         for e in LEARNERS.entries()
     )
     return USAGE.format(

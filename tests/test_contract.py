@@ -94,9 +94,9 @@ def test_channel_groups_run_only_where_a_backbone_declares_them():
 
 
 def test_every_learner_declares_evaluation_keys_of_its_own_schema():
+    # A learner that adapts nothing at test may declare none; those it declares are its own.
     for entry in LEARNERS.entries():
         fields = entry.schema.__dataclass_fields__
-        assert entry.target.eval_keys, entry.name
         assert all(k in fields for k in entry.target.eval_keys), entry.name
         assert all(k in fields for k in entry.target.positive_keys), entry.name
 

@@ -234,6 +234,12 @@ class Maml(MetaLearner):
                 "train.inner_checkpoint recomputes inner steps and cannot replay random "
                 "DropBlock masks; set model.dropblock=0 or train.inner_checkpoint=false"
             )
+        if self.recompute and type(self).task_start is not Maml.task_start:
+            # recompute.py replays the inner loop from the meta-parameters themselves
+            raise MetatrainError(
+                f"train.inner_checkpoint cannot run algorithm={cfg.name}, whose tasks start "
+                "from weights derived from the support set; set train.inner_checkpoint=false"
+            )
         params = model.params()
         # Per-step BN affine parameters are meta-learned only, never adapted (MAML++).
         frozen = set(model.norm_names) if cfg.bnwb or not cfg.adapt_bn else set()
@@ -318,6 +324,14 @@ class Maml(MetaLearner):
 
     # -- one task -----------------------------------------------------------
 
+    def task_start(self, params: dict, xs, ys, features) -> dict:
+        """The weights a task's inner loop starts from, given its support set (xs, ys)
+        and `features(params, xs)`, the trunk's support features at step 0: in MAML the
+        meta-parameters themselves. A subclass may derive some from the support set;
+        every backend calls it, with one task's tensors or, under channel groups,
+        (T, ...)-stacked ones, and gradients flow through what it returns."""
+        return params
+
     def loss_scale(self, examples: int) -> float:
         """The factor that turns the mean cross-entropy of a batch of `examples` into
         the configured reduction (a plain number: shapes are static under vmap)."""
@@ -387,7 +401,10 @@ class Maml(MetaLearner):
 
         def one(xs, ys, xq, yq):
             passes = self.passes(params, xs, xq, run, **models)
-            return task_loss(params, ys, yq, passes=passes, rule=rule, run=run)
+            start = self.task_start(
+                params, xs, ys, lambda p, x: self.model.trunk(p, x, 0, run.running)[0]
+            )
+            return task_loss(start, ys, yq, passes=passes, rule=rule, run=run)
 
         return one
 

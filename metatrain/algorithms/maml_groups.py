@@ -55,6 +55,11 @@ def grouped_tasks(xs, ys, xq, yq, *, learner, params, rates, run: InnerLoop) -> 
         learner.rule(rates), support_loss=support_loss, query_loss=query_loss, grads=grads_autograd
     )
     fast = {n: p.unsqueeze(0).expand(tasks, *p.shape) for n, p in params.items()}
+
+    def features(p, x):  # (T, N, F) support features of the stacked weights
+        return learner.model.grouped_trunk(p, x, 0, run.running)[0]
+
+    fast = learner.task_start(fast, xs, ys, features)
     passes = grouped_passes(learner.model, xs, xq, run)
     out = task_loss(fast, ys, yq, passes=passes, rule=rule, run=run)
     # (steps, T, blocks, 2, C) -> (T, steps, blocks, 2, C)

@@ -19,9 +19,11 @@ from torch import nn
 from metatrain.config import BatchNormConfig
 from metatrain.errors import MetatrainError
 from metatrain.models.backbone import BatchNormBackbone, step_row
+from metatrain.models.group_norm import check_groups, gn_block
 from metatrain.models.kernels import conv_block
 from metatrain.models.norm import EPS
 from metatrain.models.task_groups import to_groups
+from metatrain.naming import bn_eval_mode
 from metatrain.registry import BACKBONES
 
 BLOCKS = 4
@@ -52,6 +54,11 @@ class HeadInit(Enum):
     normal = "normal"  # standard normal entries (MAML's Omniglot head, tf.random_normal)
 
 
+class Norm(Enum):
+    batch = "batch"  # batch norm (models/norm.py): the published Conv4s
+    group = "group"  # group norm (Wu & He 2018; models/group_norm.py): no batch statistics
+
+
 class PoolPadding(Enum):
     # TF's names. 84 -> 42 -> 21 -> 10 -> 5 (valid) or -> 11 -> 6 (same).
     valid = "valid"  # an odd edge row/column is dropped (PyTorch's default)
@@ -72,6 +79,12 @@ class Conv4Config(BatchNormConfig):
     bn_scale: bool = True
     head_input: HeadInput = HeadInput.flatten
     head_init: HeadInit = HeadInit.xavier
+    # Group norm instead (model.norm=group): norm_groups groups of filters/norm_groups
+    # channels, 32 as Wu & He's default (2 channels each at 64 filters); its eps is
+    # bn_eps, its scale follows bn_scale, and per-step weights (BNWB) apply as to batch
+    # norm; bn_eval, bn_momentum and running statistics have nothing to act on.
+    norm: Norm = Norm.batch
+    norm_groups: int = 32
 
 
 @BACKBONES.register("conv4", Conv4Config)
@@ -95,6 +108,8 @@ class Conv4(BatchNormBackbone):
         bn_stat_steps: int = 1,
         bn_momentum: float = 0.1,
         bn_eps: float = EPS,
+        norm: str = "batch",
+        norm_groups: int = 32,
     ):
         """bn_weight_steps = 0 gives shared (C,) affine parameters; n > 0 gives (n, C).
         leaky_slope = 0 is ReLU; s > 0 a leaky ReLU of slope s below zero."""
@@ -108,13 +123,19 @@ class Conv4(BatchNormBackbone):
         self.leaky_slope, self.pool_ceil = float(leaky_slope), pool_padding == "same"
         self.bn_momentum, self.bn_eps = bn_momentum, bn_eps
         self.conv_same, self.head_mean = conv_padding == "same", head_input == "mean"
+        self.group_norm, self.norm_groups = norm == "group", norm_groups
+        if self.group_norm and (why := check_groups(filters, norm_groups)):
+            raise MetatrainError(why)
         c = in_channels
         for i in range(BLOCKS):
             w = torch.empty(filters, c, 3, 3)
             nn.init.xavier_uniform_(w)
             self.register_parameter(f"conv{i}.weight", nn.Parameter(w))
             self.register_parameter(f"conv{i}.bias", nn.Parameter(torch.zeros(filters)))
-            self.add_norm(f"bn{i}", filters, bn_weight_steps, bn_stat_steps, bn_scale)
+            if self.group_norm:
+                self.add_affine(f"gn{i}", filters, bn_weight_steps, bn_scale)
+            else:
+                self.add_norm(f"bn{i}", filters, bn_weight_steps, bn_stat_steps, bn_scale)
             c = filters
         self.add_head(in_channels, image_size, ways)
         if head_init == "normal":
@@ -133,12 +154,27 @@ class Conv4(BatchNormBackbone):
             "bn_scale": cfg.bn_scale,
             "head_input": cfg.head_input.value,
             "head_init": cfg.head_init.value,
+            "norm": cfg.norm.value,
+            "norm_groups": cfg.norm_groups,
         }
 
     @classmethod
     def inert_settings(cls, cfg) -> list[str]:
         m = cfg.model
-        lines = super().inert_settings(cfg)
+        if m.norm.value == "group":
+            lines = [
+                f"model.{k} changes nothing under model.norm=group: group norm keeps no "
+                "batch or running statistics"
+                for k, changed in (
+                    ("bn_eval", bn_eval_mode(m.bn_eval) != "transductive"),
+                    ("bn_momentum", m.bn_momentum != Conv4Config.bn_momentum),
+                )
+                if changed
+            ]
+        else:
+            lines = super().inert_settings(cfg)
+            if m.norm_groups != Conv4Config.norm_groups:
+                lines.append("model.norm_groups changes nothing with model.norm=batch")
         if m.activation.value == "relu" and m.activation_slope != Conv4Config.activation_slope:
             lines.append(
                 "model.activation_slope changes nothing with model.activation=relu "
@@ -159,15 +195,49 @@ class Conv4(BatchNormBackbone):
             "same": self.conv_same,
         }
 
+    def norm_name(self, i: int) -> str:
+        return f"gn{i}" if self.group_norm else f"bn{i}"
+
+    def add_affine(self, name: str, channels: int, weight_steps: int, scale: bool) -> None:
+        """A group norm's affine parameters, shaped as a batch norm's (add_norm), with
+        no running statistics."""
+        shape = (weight_steps, channels) if weight_steps else (channels,)
+        if scale:
+            self.register_parameter(f"{name}.weight", nn.Parameter(torch.ones(shape)))
+        else:
+            self.register_buffer(f"{name}.weight", torch.ones(shape))
+        self.register_parameter(f"{name}.bias", nn.Parameter(torch.zeros(shape)))
+        self.norm_names += [f"{name}.weight"] * scale + [f"{name}.bias"]
+
+    def trunk_varies_with_step(self, running: bool) -> bool:
+        if self.group_norm:  # per-step affine parameters only: no statistics to index
+            return any(self.params()[n].dim() == 2 for n in self.norm_names)
+        return super().trunk_varies_with_step(running)
+
     def gamma(self, params: dict, i: int) -> torch.Tensor:
-        """Block i's batch-norm scale: learned, or the constant ones of a shift-only norm."""
-        name = f"bn{i}.weight"
+        """Block i's norm scale: learned, or the constant ones of a shift-only norm."""
+        name = f"{self.norm_name(i)}.weight"
         return params[name] if name in params else self.buffer(name)
 
     def running_stats(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.buffer(f"bn{i}.running_mean"), self.buffer(f"bn{i}.running_var")
 
+    def _gn_options(self) -> dict:
+        """gn_block's keyword arguments: conv_block's, with group norm's groups."""
+        options = self.block_options()
+        options["norm_groups"] = self.norm_groups
+        return options
+
     def trunk(self, params, x, step: int, running: bool):
+        if self.group_norm:  # no batch statistics: `running` has nothing to read
+            for i in range(BLOCKS):
+                x = gn_block(
+                    x, params[f"conv{i}.weight"], params[f"conv{i}.bias"],
+                    gamma=step_row(self.gamma(params, i), step),
+                    beta=step_row(params[f"gn{i}.bias"], step), **self._gn_options(),
+                )  # fmt: skip
+            h = x.mean((2, 3)) if self.head_mean else x.flatten(1)  # (N, features)
+            return h, x.new_zeros(0)
         stats = []
         for i in range(BLOCKS):
             # per-step affine parameters and statistics: (steps, C) -> (C,)
@@ -201,11 +271,20 @@ class Conv4(BatchNormBackbone):
         for i in range(BLOCKS):
             w = params[f"conv{i}.weight"]  # (T, C_out, C_in, 3, 3)
             c = w.shape[1]
-            if f"bn{i}.weight" in params:
-                gamma = _task_row(params[f"bn{i}.weight"], step, 3).reshape(tasks * c)
+            norm = self.norm_name(i)
+            if f"{norm}.weight" in params:
+                gamma = _task_row(params[f"{norm}.weight"], step, 3).reshape(tasks * c)
             else:  # a shift-only norm's constant ones, shared by every task: (C,) -> (T*C,)
                 gamma = _task_row(self.gamma(params, i), step, 2).repeat(tasks)
-            beta = _task_row(params[f"bn{i}.bias"], step, 3).reshape(tasks * c)
+            beta = _task_row(params[f"{norm}.bias"], step, 3).reshape(tasks * c)
+            if self.group_norm:  # each task's G groups: T*G groups over T*C channels
+                options = {**self._gn_options(), "norm_groups": tasks * self.norm_groups}
+                h = gn_block(
+                    h, w.reshape(tasks * c, *w.shape[2:]),
+                    params[f"conv{i}.bias"].reshape(tasks * c),
+                    gamma=gamma, beta=beta, groups=tasks, **options,
+                )  # fmt: skip
+                continue
             mean = var = None
             if running:  # shared by every task: (C,) -> (T*C,)
                 rm, rv = self.running_stats(i)
@@ -225,15 +304,18 @@ class Conv4(BatchNormBackbone):
                 **self.block_options(),
             )
             stats.append(s.view(2, tasks, c))
+        stats = torch.stack(stats).permute(2, 0, 1, 3) if stats else h.new_zeros(tasks, 0)
         if self.head_mean:  # (N, T*C) -> (T, N, C): each task's channel means
             feats = h.mean((2, 3)).reshape(n, tasks, c).transpose(0, 1)
         else:  # (N, T*C, h, w) -> (T, N, C*h*w): each task's features in trunk's flatten order
             _, _, hh, ww = h.shape
             feats = h.reshape(n, tasks, c, hh, ww).transpose(0, 1).reshape(tasks, n, c * hh * ww)
-        return feats, torch.stack(stats).permute(2, 0, 1, 3)  # (T, N, F), (T, blocks, 2, C)
+        return feats, stats  # (T, N, F), (T, blocks, 2, C) or (T, 0) under group norm
 
     def update_running_stats(self, stats: torch.Tensor) -> None:
         """Fold batch statistics (steps, blocks, 2, C) into the running averages."""
+        if self.group_norm:
+            return  # none kept
         for i in range(BLOCKS):
             self.fold_running(f"bn{i}", stats[:, i])  # (steps, 2, C)
 
