@@ -369,6 +369,9 @@ def worker(job: dict) -> dict:
 
     model = build_model(cfg, device)
     learner = build_learner(cfg, model, device)
+    if kind == "train" and distributed.world() > 1 and learner.sequential():
+        # training refuses it too: the tasks of one meta-batch cannot be split
+        raise SystemExit(f"one process only: {learner.sequential()}")
     ds = cfg.dataset
     shots, queries = (ds.shots, ds.queries)
     if kind == "train":
