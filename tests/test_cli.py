@@ -180,7 +180,10 @@ def test_help_lists_real_options_of_every_group():
     out = run_cli("--help", timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "hydra/launcher: basic, joblib, local, slurm" in out.stdout
-    assert "algorithm: anil, fomaml, maml, mamlpp, metasgd, reptile\n" in out.stdout
+    assert (
+        "algorithm: anil, fomaml, maml, mamlpp, metasgd, protomaml, protonet, reptile\n"
+        in out.stdout
+    )
     assert "_schema" not in out.stdout
 
 

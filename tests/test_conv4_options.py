@@ -55,7 +55,7 @@ def network(slope, eps, padding, downsample, seed=0):
     and non-trivial running statistics."""
     torch.manual_seed(seed)
     model = Conv4(
-        2, 3, SIZE, 4, downsample, leaky_slope=slope, pool_padding=padding, bn_eps=eps
+        2, 3, SIZE, 4, downsample=downsample, leaky_slope=slope, pool_padding=padding, bn_eps=eps
     ).double()
     with torch.no_grad():
         for i in range(4):

@@ -20,7 +20,9 @@ CPU = torch.device("cpu")
 def model_and_params(tasks, downsample="pool", steps=0, stat_steps=1, seed=0):
     """A float64 Conv4 with some negative gammas, and per-task parameters that differ."""
     torch.manual_seed(seed)
-    model = Conv4(2, 3, 16, 4, downsample, bn_weight_steps=steps, bn_stat_steps=stat_steps)
+    model = Conv4(
+        2, 3, 16, 4, downsample=downsample, bn_weight_steps=steps, bn_stat_steps=stat_steps
+    )
     model = model.double()
     with torch.no_grad():
         for i in range(4):

@@ -97,6 +97,7 @@ class Conv4(BatchNormBackbone):
         ways: int,
         image_size: int,
         filters: int = 64,
+        *,
         downsample: str = "pool",
         leaky_slope: float = 0.0,
         pool_padding: str = "valid",

@@ -73,6 +73,7 @@ class ResNet12(BatchNormBackbone):
         in_channels: int,
         ways: int,
         image_size: int,
+        *,
         width: float = 1.0,
         dropblock: float = 0.0,
         dropblock_size: int = 5,
