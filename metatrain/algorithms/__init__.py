@@ -72,6 +72,22 @@ class MetaLearner:
         no-op in one process."""
         distributed.mean_(tensors, distributed.share(batch))
 
+    def apply_meta_gradient(self, stats: torch.Tensor, batch: TaskBatch, iteration: int):
+        """The outer update once .grad holds this shard's meta-gradient: average it and
+        the batch statistics over a distributed run's shards, clip element-wise
+        (algorithm.grad_clip > 0) the network's gradients only, as both published MAML
+        implementations clip (MAML++'s meta_update clamps its classifier's gradients,
+        not its learned inner rates'), step the optimiser at this iteration's meta rate
+        (meta_lr), and fold the statistics into the running ones."""
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        self.average_over_ranks([*grads, stats], batch)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), self.cfg.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.meta_lr(iteration)
+        self.optimizer.step()
+        self.model.update_running_stats(stats)
+
     def sequential(self) -> str | None:
         """Why this learner's tasks cannot be split across processes (each task
         depends on the one before), or None when they can."""

@@ -483,17 +483,7 @@ class Maml(MetaLearner):
     def meta_step(self, batch: TaskBatch, iteration: int) -> dict[str, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         loss, acc, stats = self.meta_gradient(batch, iteration)
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        self.average_over_ranks([*grads, stats], batch)  # a distributed run's shards
-        if self.cfg.grad_clip > 0:
-            # Element-wise, on the network's parameters only, as both published MAML
-            # implementations clip (MAML++'s meta_update clamps its classifier's
-            # gradients, not its learned inner rates').
-            torch.nn.utils.clip_grad_value_(self.model.parameters(), self.cfg.grad_clip)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.meta_lr(iteration)
-        self.optimizer.step()
-        self.model.update_running_stats(stats)
+        self.apply_meta_gradient(stats, batch, iteration)
         return {"loss": loss, "acc": acc}
 
     @eval_mode

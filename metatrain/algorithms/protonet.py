@@ -141,14 +141,7 @@ class ProtoNet(MetaLearner):
         loss = F.cross_entropy(logits.flatten(0, 1), batch.yq.flatten())  # mean over tasks
         loss.backward()
         stats = stats.mean(0)  # (T, passes, ...) -> (passes, ...): each folded as a step's
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        self.average_over_ranks([*grads, stats], batch)  # a distributed run's shards
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_value_(self.model.parameters(), self.cfg.grad_clip)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.meta_lr(iteration)
-        self.optimizer.step()
-        self.model.update_running_stats(stats)
+        self.apply_meta_gradient(stats, batch, iteration)
         acc = (logits.argmax(-1) == batch.yq).float().mean()
         return {"loss": loss.detach(), "acc": acc}
 

@@ -188,14 +188,20 @@ class BatchNormBackbone(Backbone):
         """Batch norm `name`: weight/bias (C,) or (weight_steps, C), and running
         mean/var (stat_steps, C). Without `scale` the weight is a constant buffer of
         ones (a shift-only norm), not a parameter."""
+        self.add_affine(name, channels, weight_steps, scale)
+        self.register_buffer(f"{name}.running_mean", torch.zeros(stat_steps, channels))
+        self.register_buffer(f"{name}.running_var", torch.ones(stat_steps, channels))
+
+    def add_affine(self, name: str, channels: int, weight_steps: int, scale: bool) -> None:
+        """A norm's affine parameters `name`.weight/bias, (C,) or (weight_steps, C), with
+        no running statistics (group norm has none); without `scale` the weight is a
+        constant buffer of ones."""
         shape = (weight_steps, channels) if weight_steps else (channels,)
         if scale:
             self.register_parameter(f"{name}.weight", nn.Parameter(torch.ones(shape)))
         else:
             self.register_buffer(f"{name}.weight", torch.ones(shape))
         self.register_parameter(f"{name}.bias", nn.Parameter(torch.zeros(shape)))
-        self.register_buffer(f"{name}.running_mean", torch.zeros(stat_steps, channels))
-        self.register_buffer(f"{name}.running_var", torch.ones(stat_steps, channels))
         self.norm_names += [f"{name}.weight"] * scale + [f"{name}.bias"]
 
     def trunk_varies_with_step(self, running: bool) -> bool:

@@ -199,17 +199,6 @@ class Conv4(BatchNormBackbone):
     def norm_name(self, i: int) -> str:
         return f"gn{i}" if self.group_norm else f"bn{i}"
 
-    def add_affine(self, name: str, channels: int, weight_steps: int, scale: bool) -> None:
-        """A group norm's affine parameters, shaped as a batch norm's (add_norm), with
-        no running statistics."""
-        shape = (weight_steps, channels) if weight_steps else (channels,)
-        if scale:
-            self.register_parameter(f"{name}.weight", nn.Parameter(torch.ones(shape)))
-        else:
-            self.register_buffer(f"{name}.weight", torch.ones(shape))
-        self.register_parameter(f"{name}.bias", nn.Parameter(torch.zeros(shape)))
-        self.norm_names += [f"{name}.weight"] * scale + [f"{name}.bias"]
-
     def trunk_varies_with_step(self, running: bool) -> bool:
         if self.group_norm:  # per-step affine parameters only: no statistics to index
             return any(self.params()[n].dim() == 2 for n in self.norm_names)
