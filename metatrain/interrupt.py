@@ -18,6 +18,8 @@ import sys
 import threading
 from pathlib import Path
 
+from metatrain.distributed import env_rank
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -112,7 +114,7 @@ def reached(iteration: int) -> None:
 def exit_after(e: Interrupted) -> None:
     """Print the one line, let a handler that was there before ours act (submitit
     requeues), then exit with 128 + the signal number."""
-    if os.environ.get("RANK", "0") == "0":  # a distributed run's ranks stop as one: one line
+    if env_rank() == 0:  # a distributed run's ranks stop as one: one line
         print(f"metatrain: {e}", file=sys.stderr, flush=True)
     previous = _previous.get(e.signum)
     if callable(previous) and previous is not signal.default_int_handler:

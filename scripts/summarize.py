@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from metatrain.keys import drop_non_math, is_non_math
+from metatrain.metrics import read_metrics
 from metatrain.naming import algorithm_label, bn_eval_mode, bn_mode
 
 DATASETS = {
@@ -89,12 +90,13 @@ CSV_COLUMNS = [
     "method", "task", "bn_eval", "source", "overrides", "seeds", "acc_mean", "acc_std",
     "ci95_mean", "single_acc_mean", "single_acc_std", "single_ci95_mean", "ensemble_k",
     "ensemble_acc_mean", "ensemble_acc_std", "ensemble_ci95_mean", "paper_acc", "paper_ci95",
-    "delta", "iterations", "wall_time_s", "status",
+    "delta", "val_reached_paper_at", "iterations", "wall_time_s", "status",
 ]  # fmt: skip
 MD_COLUMNS = [
     "method", "task", "BN at test", "overrides (seed aside)", "seeds", "single acc %",
     "single 95% CI", "ensemble acc %", "ensemble 95% CI", "std over seeds (single/ens.)",
-    "paper", "Δ (ours − paper)", "iterations", "wall s (mean/seed)", "status",
+    "paper", "Δ (ours − paper)", "val ≥ paper at (per seed)", "iterations",
+    "wall s (mean/seed)", "status",
 ]  # fmt: skip
 
 
@@ -245,6 +247,13 @@ def _std(values: list) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
+def reached_at(cell: Path, target: float) -> str:
+    """The first iteration whose validation accuracy reached `target` (%); "—" if none
+    did, "no val" for a run without validation (e.g. Reptile's Omniglot split)."""
+    accs = [(r["iteration"], r["val/acc"]) for r in read_metrics(cell) if "val/acc" in r]
+    return next((str(i) for i, acc in accs if acc >= target), "—" if accs else "no val")
+
+
 def make_row(runs: list[dict]) -> dict:
     first = runs[0]
     method, task = first["method"], first["task"]
@@ -261,6 +270,12 @@ def make_row(runs: list[dict]) -> dict:
         row[f"{prefix}acc_mean"] = _mean(values)
         row[f"{prefix}acc_std"] = _std(values)
         row[f"{prefix}ci95_mean"] = _mean([r.get(f"{prefix}ci95") for r in runs])
+    # How soon a run got there: its validation split against the published test number.
+    row["val_reached_paper_at"] = (
+        " ".join(reached_at(r["cell"], paper_acc) for r in runs)
+        if paper_acc is not None and first["source"] == "run"
+        else None
+    )
     mean = row["acc_mean"]
     row["delta"] = mean - paper_acc if mean is not None and paper_acc is not None else None
     return row
@@ -318,7 +333,8 @@ def markdown(rows: list[dict]) -> str:
                  _fmt(r["single_acc_mean"]), _ci(r["single_ci95_mean"]),
                  _fmt(r["ensemble_acc_mean"]) + k, _ci(r["ensemble_ci95_mean"]),
                  " / ".join(std) if any(std) else "", r["paper"] or "",
-                 _fmt(r["delta"], "+.2f"), _fmt(r["iterations"], "d"),
+                 _fmt(r["delta"], "+.2f"), r["val_reached_paper_at"] or "",
+                 _fmt(r["iterations"], "d"),
                  _fmt(r["wall_time_s"], ".1f"), r["status"]]  # fmt: skip
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"

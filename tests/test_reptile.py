@@ -134,21 +134,36 @@ def test_predict_fine_tunes_on_the_support_set():
 
 
 @pytest.mark.parametrize("backend", ["loop", "vmap", "groups"])
-def test_logged_loss_is_the_starting_weights_on_each_tasks_first_minibatch(backend):
-    lrn = build(backend=backend, inner_batch=4)
+def test_logged_loss_is_the_adapted_weights_on_each_tasks_last_minibatch(backend):
+    lrn = build(backend=backend, inner_batch=4)  # 3 inner steps
     batch = random_tasks(tasks=3, ways=3, shots=3, queries=1)  # 9 examples, minibatches of 4
     phi = {n: p.detach().clone() for n, p in lrn.model.params().items()}
     g = torch.Generator().manual_seed(0)
     g.set_state(lrn.generator.get_state())
-    ids = minibatch_ids(9, 3, 4, g, 3)[:, 0]  # (tasks, 4): each task's first minibatch
-    logits = torch.cat([lrn.model(phi, batch.xs[t][ids[t]])[0] for t in range(3)])
-    labels = torch.cat([batch.ys[t][ids[t]] for t in range(3)])
+    ids = minibatch_ids(9, 3, 4, g, 3)  # (tasks, steps, 4): each task's minibatches
+    logits, labels = [], []
+    for t in range(3):
+        x, y = batch.xs[t], batch.ys[t]
+        # torch.optim.Adam over the first two minibatches, one at a time, as published
+        w = {n: p.clone().requires_grad_() for n, p in phi.items()}
+        opt = torch.optim.Adam(w.values(), lr=0.01, betas=(0.0, 0.999), eps=1e-8)
+        for i in range(2):
+            opt.zero_grad()
+            F.cross_entropy(lrn.model(w, x[ids[t, i]])[0], y[ids[t, i]]).backward()
+            opt.step()
+        with torch.no_grad():
+            logits.append(lrn.model(w, x[ids[t, 2]])[0])  # the third, before its step
+        labels.append(y[ids[t, 2]])
+    logits, labels = torch.cat(logits), torch.cat(labels)
     metrics = lrn.meta_step(batch, 0)
     torch.testing.assert_close(metrics["loss"], F.cross_entropy(logits, labels))
     torch.testing.assert_close(metrics["acc"], (logits.argmax(-1) == labels).float().mean())
+    # Not the starting weights' loss: two steps of Adam at 0.01 move it.
+    start = torch.cat([lrn.model(phi, batch.xs[t][ids[t, 2]])[0] for t in range(3)])
+    assert abs(F.cross_entropy(start, labels) - metrics["loss"]) > 1e-3
 
 
-def test_serial_logs_each_task_from_the_weights_it_started_from():
+def test_serial_logs_each_task_from_the_weights_it_trained():
     batch = random_tasks(tasks=3, ways=3, shots=3, queries=1)
     serial, one_at_a_time = build(serial=True, inner_batch=4), build(inner_batch=4)
     metrics = serial.meta_step(batch, 0)

@@ -151,6 +151,26 @@ def test_reproduced_row_shows_the_published_number_and_the_difference(tmp_path):
     assert "| 98.7 ± 0.4 | -0.90 |" in table and "| 97.65 | -0.65 |" in table
 
 
+def test_first_iteration_whose_validation_reached_the_published_number(tmp_path):
+    def curve(path, accs):  # a partial last line, as a killed writer leaves, is skipped
+        rows = [{"iteration": 100 * (i + 1), "val/acc": a} for i, a in enumerate(accs)]
+        rows.insert(1, {"iteration": 150, "train/acc": 99.9})  # a train row: not validation
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        (path / "metrics.jsonl").write_text(text + '{"iteration": 9')
+
+    row = "experiment=maml_omniglot_5w1s"
+    curve(cell(tmp_path, [row, "seed=0"], config(), acc=98.0), [97.0, 98.6, 98.7, 98.2])
+    curve(cell(tmp_path, [row, "seed=1"], config(seed=1), acc=98.0), [97.0, 98.69])
+    curve(cell(tmp_path, ["experiment=quickstart"], config(msl=True), acc=90.0), [99.0])
+    reptile = config("reptile", bn_eval="support_plus_query")
+    curve(cell(tmp_path, ["experiment=reptile_omniglot_5w1s"], reptile, acc=95.0), [])
+    rows = {r["method"]: r for r in summary(tmp_path)}
+    assert rows["maml"]["val_reached_paper_at"] == "300 —"  # 98.7 first met at 300; never
+    assert rows["reptile"]["val_reached_paper_at"] == "no val"  # it logged no validation
+    assert rows["maml+msl"]["val_reached_paper_at"] == ""  # no published number to reach
+    assert "| 98.7 ± 0.4 | -0.70 | 300 — |" in (tmp_path / "summary.md").read_text()
+
+
 def test_published_numbers_only_beside_a_published_rows_config(tmp_path):
     row = "experiment=maml_omniglot_5w1s"
     cases = {

@@ -84,7 +84,9 @@ class Trained(NamedTuple):
     weights: dict  # W, the trained weights
     adam: Moments  # the inner optimiser's final moments
     stats: torch.Tensor  # the minibatches' normalisation statistics, (iters, blocks, 2, C)
-    first: torch.Tensor  # logits of the starting weights on the first minibatch, (batch, ways)
+    # logits on the last minibatch of the weights trained on all the others (before
+    # its own step), (batch, ways): the accuracy of the adapted weights, at no cost
+    last: torch.Tensor
 
     @staticmethod
     def stack(parts: list["Trained"]) -> "Trained":
@@ -97,7 +99,7 @@ class Trained(NamedTuple):
             dicts(lambda p: p.weights),
             Moments(dicts(lambda p: p.adam.m), dicts(lambda p: p.adam.v)),
             torch.stack([p.stats for p in parts]),
-            torch.stack([p.first for p in parts]),
+            torch.stack([p.last for p in parts]),
         )
 
 
@@ -220,7 +222,7 @@ class Reptile(MetaLearner):
         m0, v0, t0 = start
         m = {n: t.clone() for n, t in m0.items()}
         v = {n: t.clone() for n, t in v0.items()}
-        stats, first = [], None
+        stats, last = [], None
         for i in range(ids.shape[0]):
             x, y = xs[ids[i]], ys[ids[i]]
 
@@ -230,9 +232,9 @@ class Reptile(MetaLearner):
 
             grads, (s, out) = grads_fn(loss_fn, fast, False)
             stats.append(s)
-            first = out if first is None else first
+            last = out
             self._update(fast, grads, m, v, t0 + i + 1, lr)
-        return Trained(fast, Moments(m, v), torch.stack(stats), first)
+        return Trained(fast, Moments(m, v), torch.stack(stats), last)
 
     def _inner_groups(self, params, xs, ys, ids, *, lr: float, start) -> Trained:
         """_inner for every task at once, tasks as channel groups: the result stacked over
@@ -242,15 +244,15 @@ class Reptile(MetaLearner):
         m0, v0, t0 = start
         m, v = task_groups.stack(m0, tasks), task_groups.stack(v0, tasks)
         rows = torch.arange(tasks, device=ids.device)[:, None]
-        stats, first = [], None
+        stats, last = [], None
         for i in range(ids.shape[1]):
             # (tasks, batch, C, H, W) and (tasks, batch): each task's minibatch i
             x, y = xs[rows, ids[:, i]], ys[rows, ids[:, i]]
             grads, s, out = task_groups.grads(self.model, fast, list(fast), x, y)
             stats.append(s)
-            first = out if first is None else first
+            last = out
             self._update(fast, grads, m, v, t0 + i + 1, lr)
-        return Trained(fast, Moments(m, v), torch.stack(stats, 1), first)
+        return Trained(fast, Moments(m, v), torch.stack(stats, 1), last)
 
     def _fresh_state(self, params) -> tuple[dict, dict, int]:
         zeros = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -260,8 +262,8 @@ class Reptile(MetaLearner):
         self, params, xs, ys, *, iters: int, batch: int, generator, start=None, shard=None
     ):
         """W for every task: dict of (tasks, *shape) tensors; the optimiser's final
-        (m, v), stacked the same way; the mean statistics; and the first minibatch's
-        logits of params and labels, (tasks, batch, ways) and (tasks, batch). Every
+        (m, v), stacked the same way; the mean statistics; and the last minibatch's
+        logits (of the weights trained on the minibatches before it) and labels, (tasks, batch, ways) and (tasks, batch). Every
         task's optimiser starts at `start` (m, v, steps taken), fresh if None. A
         distributed shard (first task, full batch's tasks) draws the full batch's
         minibatches and keeps its own, as one process would draw them."""
@@ -283,21 +285,21 @@ class Reptile(MetaLearner):
                 out = Trained.stack([one(xs[t], ys[t], ids[t]) for t in range(tasks)])
             else:
                 out = torch.func.vmap(one)(xs, ys, ids)
-        first_labels = torch.gather(ys, 1, ids[:, 0])
+        last_labels = torch.gather(ys, 1, ids[:, -1])
         w = {k: t.detach() for k, t in out.weights.items()}
-        return w, out.adam, out.stats.mean(0), (out.first, first_labels)
+        return w, out.adam, out.stats.mean(0), (out.last, last_labels)
 
     def _tasks_in_turn(self, phi, xs, ys, serial: bool, eps: float):
         """Meta-training tasks one after another: with `serial` (Algorithm 1) phi moves
         after each task and the next starts there; under inner_state=carry each task's
         inner Adam starts where the previous task left it. Returns phi (moved only
         under `serial`), every task's W (tasks, *shape), the tasks' statistics
-        (tasks, iters, blocks, 2, C) and the first-minibatch logits and labels."""
+        (tasks, iters, blocks, 2, C) and the last-minibatch logits and labels."""
         state = self.net["adam"] if self.carry else None
-        ws, stats, firsts = [], [], []
+        ws, stats, lasts = [], [], []
         for t in range(xs.shape[0]):
             start = state.get() if state is not None else None
-            w, (m, v), s, first = self._train_tasks(
+            w, (m, v), s, last = self._train_tasks(
                 phi, xs[t : t + 1], ys[t : t + 1], iters=self.cfg.inner_iters,
                 batch=self.cfg.inner_batch, generator=self.generator, start=start,
             )  # fmt: skip
@@ -308,10 +310,10 @@ class Reptile(MetaLearner):
                 phi = {n: phi[n] + eps * (w[n][0] - phi[n]) for n in phi}
             ws.append(w)
             stats.append(s)
-            firsts.append(first)
+            lasts.append(last)
         w = {k: torch.cat([x[k] for x in ws]) for k in phi}
-        first = tuple(torch.cat(parts) for parts in zip(*firsts))
-        return phi, w, torch.stack(stats), first
+        last = tuple(torch.cat(parts) for parts in zip(*lasts))
+        return phi, w, torch.stack(stats), last
 
     def sequential(self) -> str | None:
         if self.cfg.serial:
@@ -326,7 +328,7 @@ class Reptile(MetaLearner):
         phi = {n: p.detach() for n, p in params.items()}
         eps = self.meta_step_size(iteration)
         if self.carry or self.cfg.serial:
-            moved, w, stats, first = self._tasks_in_turn(
+            moved, w, stats, last = self._tasks_in_turn(
                 phi, batch.xs, batch.ys, self.cfg.serial, eps
             )
             if self.cfg.serial:
@@ -338,7 +340,7 @@ class Reptile(MetaLearner):
                 self.model.update_running_stats(stats.mean(0).mean(0, keepdim=True))
         else:
             # Algorithm 2: the mean of the tasks' displacements, tasks batched.
-            w, _, stats, first = self._train_tasks(
+            w, _, stats, last = self._train_tasks(
                 phi, batch.xs, batch.ys, iters=self.cfg.inner_iters, batch=self.cfg.inner_batch,
                 generator=self.generator, shard=batch.shard,
             )  # fmt: skip
@@ -348,10 +350,14 @@ class Reptile(MetaLearner):
             self.model.update_running_stats(stats)
         for n, p in params.items():
             p.copy_(phi[n])
-        # For the log: the loss and accuracy of the weights each task started from on
-        # its first inner minibatch, which the inner loop computed anyway (a separate
-        # pass over every task's examples cost 15-20% of a meta-iteration).
-        logits, labels = first
+        # For the log: the loss and accuracy on each task's last inner minibatch of the
+        # weights trained on the minibatches before it, which the inner loop computed
+        # anyway (a separate pass over every task's examples cost 15-20% of a
+        # meta-iteration). Minibatches are passes over the shuffled task, so the last one
+        # holds examples not yet trained on while inner_iters * inner_batch fits in one
+        # pass. The starting weights' accuracy, logged before, is chance on every task
+        # (each draws its own labels) and showed none of the learning.
+        logits, labels = last
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
         acc = (logits.argmax(-1) == labels).float().mean()
         return {"loss": loss, "acc": acc}
