@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from metatrain import checkpoint
+from metatrain import checkpoint, threads
 from metatrain.algorithms import build_learner, learner_class
 from metatrain.algorithms.inner import setup_device
 from metatrain.datasets import load_placed
@@ -116,10 +116,13 @@ def evaluate_run(run_dir: Path, overrides: list[str], log=print) -> tuple[Path, 
     cfg, ways = setup.cfg, setup.cfg.dataset.ways
     device = resolve_device(cfg.device.value)
     setup_device(device, cfg.train)
+    n_threads, why = threads.apply(cfg.train.threads)  # as training chose them
     iteration, total = state["iteration"], setup.trained.train.iterations
     finished = (run_dir / "results.json").exists() or state.get("results") is not None
     status = "finished" if finished else f"unfinished (iteration {iteration} of {total})"
     log(f"evaluating {run_dir} ({status}) with {' '.join(overrides) or 'its own protocol'}")
+    if device.type == "cpu":
+        log(f"{n_threads} CPU thread{'s' * (n_threads > 1)} ({why})")
 
     model = build_model(cfg, device)  # the trained network with `ways` output units
     learner = build_learner(cfg, model, device)

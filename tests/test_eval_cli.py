@@ -115,6 +115,17 @@ def test_other_protocols_write_their_own_file_and_touch_nothing_else(runs, overr
     assert digests(run_dir) == before
 
 
+def test_train_threads_sets_the_evaluations_cpu_threads(runs):
+    run_dir, _ = runs("maml")
+    before, said = torch.get_num_threads(), []
+    try:
+        evaluate_run(run_dir, ["train.threads=2", "eval.test_tasks=8"], log=said.append)
+        assert torch.get_num_threads() == 2
+        assert "2 CPU threads (train.threads=2)" in said
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_reptile_with_carried_adam_and_support_plus_query(omniglot_data, tmp_path):
     overrides = [*ALGORITHMS["reptile"], "algorithm.inner_state=carry"]
     overrides += ["model.bn_eval=support_plus_query", "eval.test_from=last"]
