@@ -262,11 +262,12 @@ class Reptile(MetaLearner):
         self, params, xs, ys, *, iters: int, batch: int, generator, start=None, shard=None
     ):
         """W for every task: dict of (tasks, *shape) tensors; the optimiser's final
-        (m, v), stacked the same way; the mean statistics; and the last minibatch's
-        logits (of the weights trained on the minibatches before it) and labels, (tasks, batch, ways) and (tasks, batch). Every
-        task's optimiser starts at `start` (m, v, steps taken), fresh if None. A
-        distributed shard (first task, full batch's tasks) draws the full batch's
-        minibatches and keeps its own, as one process would draw them."""
+        (m, v), stacked the same way; the mean statistics; and the logits on the last
+        minibatch of the weights trained on those before it, with its labels, (tasks,
+        batch, ways) and (tasks, batch). Every task's optimiser starts at `start`
+        (m, v, steps taken), fresh if None. A distributed shard (first task, full
+        batch's tasks) draws the full batch's minibatches and keeps its own, as one
+        process would draw them."""
         tasks, n = ys.shape
         first, drawn = (0, tasks) if shard is None else shard
         ids = minibatch_ids(n, iters, min(batch, n), generator, drawn)[first : first + tasks]
