@@ -6,8 +6,8 @@ A run is any folder holding .hydra/config.yaml (as in summarize.py). Runs whose
 configs differ only in `seed` (and keys that do not change the maths) are one
 configuration, named in the legends by its command-line overrides.
 
-- curves.png: validation accuracy and training loss against meta-iteration from
-  each run's metrics.jsonl, one line per configuration: the mean over its seeds,
+- curves.png: validation accuracy, training accuracy and training loss against
+  meta-iteration from each run's metrics.jsonl, one line per configuration: the mean over its seeds,
   with a band from the lowest to the highest seed.
 - test_accuracy.png (when some run has finished): test accuracy per configuration,
   the mean over seeds with the mean per-run 95% confidence interval (over test
@@ -100,9 +100,13 @@ def _series(runs: list[dict], key: str) -> tuple[list[int], list[float], list[fl
 
 
 def plot_curves(configs: list[dict], shared: str, path: Path):
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    width = 15
+    fig, axes = plt.subplots(1, 3, figsize=(width, 4.2), sharex=True)
     panels = [
         ("val/acc", "validation accuracy (%)"),
+        # after adaptation: MAML's kin on the query set, Reptile on its last inner
+        # minibatch; the one curve of a run without validation (Reptile's Omniglot)
+        ("train/acc", "training accuracy (%)"),
         ("train/loss", "training loss (cross-entropy)"),
     ]
     for ax, (key, ylabel) in zip(axes, panels, strict=True):
@@ -119,19 +123,20 @@ def plot_curves(configs: list[dict], shared: str, path: Path):
         ax.set_xlabel("meta-iteration")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].set_title("Validation accuracy (mean over seeds; band: min to max)")
-    axes[1].set_title("Training loss (mean over each log interval)")
+    axes[0].set_title("Validation accuracy (mean over seeds; band: min to max)", fontsize=10)
+    axes[1].set_title("Training accuracy, adapted (mean over each log interval)", fontsize=10)
+    axes[2].set_title("Training loss (mean over each log interval)", fontsize=10)
     entries = {}  # label -> handle, over both panels: a run may have no validation yet
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
     labels, handles = sorted(entries), [entries[x] for x in sorted(entries)]
     # As many legend columns as the longest label allows across the figure's width.
-    ncol = max(1, min(len(labels), 150 // max((len(x) for x in labels), default=1)))
+    ncol = max(1, min(len(labels), 14 * width // max((len(x) for x in labels), default=1)))
     rows = -(-len(labels) // ncol)
     fig.set_figheight(4.2 + 0.2 * rows)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
-    fig.suptitle(_title("Learning curves", shared, 11), fontsize=10)
+    fig.suptitle(_title("Learning curves", shared, width), fontsize=10)
     fig.tight_layout(rect=(0, (0.1 + 0.2 * rows) / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=100)
     return fig

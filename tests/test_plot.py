@@ -28,10 +28,9 @@ def fake_run(root, algo: dict, overrides: list[str], seed: int, test: dict | Non
     (cell / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides + [f"seed={seed}"]))
     with open(cell / "metrics.jsonl", "w") as f:
         for it in range(10, 50, 10):
-            f.write(
-                json.dumps({"iteration": it, "train/loss": 1.5 - it / 50 + seed / 10 - gain / 20})
-                + "\n"
-            )
+            loss = 1.5 - it / 50 + seed / 10 - gain / 20
+            row = {"iteration": it, "train/loss": loss, "train/acc": 30 + it + seed}
+            f.write(json.dumps(row) + "\n")
             if it % 20 == 0:
                 f.write(json.dumps({"iteration": it, "val/acc": 40 + it + seed + gain}) + "\n")
         f.write('{"iteration": 50, "train/lo')  # a killed writer's partial line
@@ -58,8 +57,8 @@ def test_curves_and_bars_of_two_configs_by_two_seeds(tmp_path):
     for name in (plot.CURVES, plot.BARS):
         assert (tmp_path / name).stat().st_size > 10_000, name
 
-    val_ax, loss_ax = figures[plot.CURVES].axes
-    for ax in (val_ax, loss_ax):
+    val_ax, acc_ax, loss_ax = figures[plot.CURVES].axes
+    for ax in (val_ax, acc_ax, loss_ax):
         labels = sorted(line.get_label() for line in ax.get_lines())
         # each configuration named by what its overrides add to the shared ones
         assert labels == ["algorithm.lslr=true (2 seeds)", "maml (2 seeds)"]
@@ -71,6 +70,8 @@ def test_curves_and_bars_of_two_configs_by_two_seeds(tmp_path):
     assert list(maml_val.get_ydata()) == [60.5, 80.5]  # mean of seeds 0 and 1
     maml_loss = next(line for line in loss_ax.get_lines() if line.get_label().startswith("maml"))
     assert list(maml_loss.get_xdata()) == [10, 20, 30, 40]  # the partial line is skipped
+    maml_acc = next(line for line in acc_ax.get_lines() if line.get_label().startswith("maml"))
+    assert list(maml_acc.get_ydata()) == [40.5, 50.5, 60.5, 70.5]  # train/acc, seeds' mean
 
     (ax,) = figures[plot.BARS].axes
     heights = [p.get_height() for p in ax.patches]
