@@ -89,6 +89,19 @@ def test_auto_maps_the_splits_over_the_budget(tmp_path, monkeypatch):
     assert all(store.is_mapped(t) for t in out.values())
 
 
+def test_a_distributed_runs_processes_on_one_machine_share_the_budget(monkeypatch):
+    # each rank loads its own copy of the splits: two on a machine take half each
+    monkeypatch.setattr(store, "available_memory", lambda: 8_000)
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert store.budget("auto", cpu) == 4_000
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert store.budget("auto", cpu) == 2_000
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert store.budget("auto", cpu) == 1_333
+    assert store.budget("true", cpu) is None and store.budget("false", cpu) == 0
+
+
 def test_auto_reads_a_cache_file_over_the_budget_mapped_and_one_within_it_whole(
     tmp_path, monkeypatch
 ):

@@ -2,7 +2,8 @@
 
 `dataset.in_memory=true` keeps every split in memory, as before; `false` memory-maps every
 split; `auto` (the default) keeps a split in memory while it fits a budget of half the memory
-available now (MemAvailable in /proc/meminfo; on CUDA also half the free device memory),
+available now (MemAvailable in /proc/meminfo; on CUDA also half the free device memory;
+each shared out among a distributed run's processes on the machine or the GPU),
 taking train first (it is sampled every iteration), then val, then test, and memory-maps the
 rest. The reader's cache file is then opened with torch.load(mmap=True) when it is larger than
 that budget (cache.mapped_above), so a split too large for memory is never read whole: its
@@ -45,11 +46,23 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def processes_on_this_machine() -> int:
+    """A distributed run's processes on this machine (torchrun and submitit set
+    LOCAL_WORLD_SIZE); 1 outside one."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    return max(int(local), 1) if local.isdigit() else 1
+
+
 def memory_budget(device: torch.device) -> int:
-    budget = int(BUDGET_FRACTION * available_memory())
+    """Half the memory available, shared by the processes that each load their own
+    copy of the splits: those of a distributed run on this machine (for the host) and
+    those on this GPU (more ranks than GPUs)."""
+    local = processes_on_this_machine()
+    budget = int(BUDGET_FRACTION * available_memory()) // local
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = min(budget, int(BUDGET_FRACTION * free))
+        per_gpu = -(-local // max(torch.cuda.device_count(), 1))  # ceil: ranks sharing a GPU
+        budget = min(budget, int(BUDGET_FRACTION * free) // per_gpu)
     return budget
 
 
