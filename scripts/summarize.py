@@ -90,13 +90,13 @@ CSV_COLUMNS = [
     "method", "task", "bn_eval", "source", "overrides", "seeds", "acc_mean", "acc_std",
     "ci95_mean", "single_acc_mean", "single_acc_std", "single_ci95_mean", "ensemble_k",
     "ensemble_acc_mean", "ensemble_acc_std", "ensemble_ci95_mean", "paper_acc", "paper_ci95",
-    "delta", "val_reached_paper_at", "iterations", "wall_time_s", "status",
+    "delta", "val_reached_paper_at", "iterations", "wall_time_s", "s_per_iter", "status",
 ]  # fmt: skip
 MD_COLUMNS = [
     "method", "task", "BN at test", "overrides (seed aside)", "seeds", "single acc %",
     "single 95% CI", "ensemble acc %", "ensemble 95% CI", "std over seeds (single/ens.)",
     "paper", "Δ (ours − paper)", "val ≥ paper at (per seed)", "iterations",
-    "wall s (mean/seed)", "status",
+    "wall s (mean/seed)", "s / iteration", "status",
 ]  # fmt: skip
 
 
@@ -169,7 +169,8 @@ def test_numbers(test: dict) -> dict:
 
 def _finished(results: dict) -> dict:
     return {"status": "finished", **test_numbers(results["test"]),
-            "wall": results.get("wall_time_s"), "iterations": results.get("iterations")}  # fmt: skip
+            "wall": results.get("wall_time_s"), "iterations": results.get("iterations"),
+            "done": results.get("iterations")}  # fmt: skip
 
 
 def outcome(cell: Path, total: int | None) -> dict:
@@ -195,7 +196,7 @@ def outcome(cell: Path, total: int | None) -> dict:
     if state.get("results"):  # finished, and the final checkpoint keeps the results too
         return _finished(state["results"])
     return {"status": f"unfinished (iteration {state['iteration']} of {total})",
-            "wall": state.get("wall_time_s")}  # fmt: skip
+            "wall": state.get("wall_time_s"), "done": state["iteration"]}  # fmt: skip
 
 
 def read_cell(cell: Path) -> dict:
@@ -264,6 +265,8 @@ def make_row(runs: list[dict]) -> dict:
            "seeds": len(runs), "seed_list": [r["seed"] for r in runs], "paper": paper,
            "paper_acc": paper_acc, "paper_ci95": paper_ci, "iterations": first["iterations"],
            "wall_time_s": _mean([r["wall"] for r in runs]), "status": first["status"],
+           "s_per_iter": _mean([r["wall"] / r["done"] for r in runs
+                                if r.get("wall") and r.get("done")]),
            "ensemble_k": first.get("ensemble_k")}  # fmt: skip
     for prefix in ("", "single_", "ensemble_"):
         values = [r.get(f"{prefix}acc") for r in runs]
@@ -335,7 +338,8 @@ def markdown(rows: list[dict]) -> str:
                  " / ".join(std) if any(std) else "", r["paper"] or "",
                  _fmt(r["delta"], "+.2f"), r["val_reached_paper_at"] or "",
                  _fmt(r["iterations"], "d"),
-                 _fmt(r["wall_time_s"], ".1f"), r["status"]]  # fmt: skip
+                 _fmt(r["wall_time_s"], ".1f"), _fmt(r["s_per_iter"], ".3f"),
+                 r["status"]]  # fmt: skip
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -209,6 +209,11 @@ def test_unfinished_and_failed_cells_are_rows_of_their_own(tmp_path):
     assert next(r for r in rows if r["status"] == "finished")["seeds"] == "2"
     unfinished = next(r for r in rows if r["status"].startswith("unfinished (it"))
     assert unfinished["acc_mean"] == "" and unfinished["paper_acc"] == "98.7"
+    # training seconds per iteration reached: 3.0 s over 250; 10 s over 1,000 (the
+    # checkpoint-only seed kept no wall time and is left out of the mean)
+    assert float(unfinished["s_per_iter"]) == pytest.approx(3.0 / 250)
+    finished = next(r for r in rows if r["status"] == "finished")
+    assert float(finished["s_per_iter"]) == pytest.approx(10.0 / 1000)
 
 
 def test_writes_markdown_and_csv_and_prints_the_table(tmp_path, capsys):
