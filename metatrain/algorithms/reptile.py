@@ -356,8 +356,8 @@ class Reptile(MetaLearner):
         # anyway (a separate pass over every task's examples cost 15-20% of a
         # meta-iteration). Minibatches are passes over the shuffled task, so the last one
         # holds examples not yet trained on while inner_iters * inner_batch fits in one
-        # pass. The starting weights' accuracy, logged before, is chance on every task
-        # (each draws its own labels) and showed none of the learning.
+        # pass. The starting weights' accuracy would be chance on every task (each draws
+        # its own labels) and show none of the learning.
         logits, labels = last
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
         acc = (logits.argmax(-1) == labels).float().mean()
