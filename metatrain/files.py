@@ -61,6 +61,10 @@ def save_torch(obj, path: Path) -> None:
     _replace_atomically(path, lambda f: torch.save(obj, f))
 
 
+def save_text(text: str, path: Path) -> None:
+    _replace_atomically(path, lambda f: f.write(text.encode()))
+
+
 def save_json(obj, path: Path) -> None:
     text = json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
     _replace_atomically(path, lambda f: f.write(text.encode()))

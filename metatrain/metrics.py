@@ -13,7 +13,6 @@ produced again), so every iteration appears once.
 """
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -58,10 +57,11 @@ class MetricsFile:
         checkpoint does not hold and will be redone."""
         if not self.path.exists():
             return
+        from metatrain.files import save_text  # torch-heavy; readers of this file need none
+
         kept = [r for r in read_metrics(self.path) if r["iteration"] <= start]
-        tmp = self.path.with_name(f".{FILE_NAME}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        # atomic: on a full disk the old file stays whole (DiskFull) and no temp file is left
+        save_text("".join(json.dumps(r) + "\n" for r in kept), self.path)
 
     def write(self, metrics: dict, step: int) -> None:
         wall = self.wall0 + time.perf_counter() - self.t0

@@ -306,30 +306,38 @@ def _meta_train_and_test(run: Run, parts: Parts, progress: Progress) -> dict:
     t = run.cfg.train
     interrupt.reached(progress.start)
     # From here a signal stops the loop between iterations.
-    with interrupt.deferred(progress.start):
-        logger = (
-            RunLogger(run.cfg, run.run_dir, progress.start, t.iterations, progress.wall)
-            if run.main
-            else _Silent()
-        )
+    try:
+        with interrupt.deferred(progress.start):
+            logger = (
+                RunLogger(run.cfg, run.run_dir, progress.start, t.iterations, progress.wall)
+                if run.main
+                else _Silent()
+            )
+    except DiskFull as e:  # trimming a resumed run's metrics.jsonl
+        raise _disk_full(e, run, progress) from None
     try:
         _meta_train(run, parts, progress, logger)
         results = _meta_test(run, parts, progress, logger)
     except DiskFull as e:
         logger.finish()
-        kept = (
-            f"the last intact checkpoint is {run.last_path} (iteration {progress.intact})"
-            if progress.intact is not None
-            else "no checkpoint was saved yet"
-        )
-        raise MetatrainError(
-            f"{e}; {kept}: free some space, then run the same command again to resume"
-        ) from None
+        raise _disk_full(e, run, progress) from None
     except BaseException:
         logger.finish()
         raise
     console.print(f"[bold green]{describe(results['test'])}\nresults: {run.results_path}")
     return results
+
+
+def _disk_full(e: DiskFull, run: Run, progress: Progress) -> MetatrainError:
+    """The one line for a full disk: the file, the checkpoint that survives it, what to do."""
+    kept = (
+        f"the last intact checkpoint is {run.last_path} (iteration {progress.intact})"
+        if progress.intact is not None
+        else "no checkpoint was saved yet"
+    )
+    return MetatrainError(
+        f"{e}; {kept}: free some space, then run the same command again to resume"
+    )
 
 
 def _meta_train(run: Run, parts: Parts, progress: Progress, logger) -> None:

@@ -101,6 +101,28 @@ def test_a_full_disk_while_logging_metrics(omniglot_data, tmp_path, monkeypatch)
     assert "(iteration 4)" in str(e.value)
 
 
+def test_a_full_disk_while_a_resume_trims_metrics_jsonl(omniglot_data, tmp_path, monkeypatch):
+    cfg = make_cfg(*ARGS)
+    with pytest.raises(MetatrainError):  # a first session stopped after iteration 4's save
+        fill_disk_at(monkeypatch, "last.pt", after=1)
+        train(cfg, tmp_path)
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    assert b'"iteration": 6' in before  # rows past the checkpoint, which a resume trims
+    monkeypatch.undo()
+    fill_disk_at(monkeypatch, "metrics.jsonl")
+    with pytest.raises(MetatrainError) as e:
+        train(cfg, tmp_path)
+    assert str(e.value) == (
+        f"no space left on the device while writing {tmp_path}/metrics.jsonl; the last "
+        f"intact checkpoint is {tmp_path}/checkpoints/last.pt (iteration 4): free some "
+        "space, then run the same command again to resume"
+    )
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before  # untouched
+    assert not list(tmp_path.glob(".metrics*"))  # no temp file left
+    monkeypatch.undo()  # room again: the same command resumes and finishes
+    assert train(cfg, tmp_path)["iterations"] == 8
+
+
 def test_torchs_own_write_error_counts_when_the_disk_is_full(tmp_path, monkeypatch):
     err = RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 512 vs 448")
     assert not files.out_of_space(err, tmp_path)  # this disk has room
