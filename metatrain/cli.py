@@ -241,6 +241,11 @@ def main() -> None:
     from metatrain import usage
 
     args, _ = get_args_parser().parse_known_args()
+    modes = [f for f, on in (("--run", args.run), ("-m", args.multirun), ("--cfg", args.cfg),
+             ("--info", args.info), ("--shell-completion", args.shell_completion)) if on]  # fmt: skip
+    if len(modes) > 1:  # Hydra would raise a traceback
+        _fail(f"{' and '.join(modes)} cannot go together: give one (--cfg job prints one "
+              "run's config: leave out -m and give one value per key)")  # fmt: skip
     try:
         combined = usage.combine_repeats(CONF_DIR, args.overrides)
         if combined != args.overrides:  # Hydra reads sys.argv: give it the combined list

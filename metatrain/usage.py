@@ -17,6 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from metatrain.errors import MetatrainError
+from metatrain.keys import is_non_math
 
 # Listed first in --help, in this order; any other folder of conf/ follows.
 FIRST = ("algorithm", "dataset", "model", "network", "logger", "experiment", "ablation")
@@ -151,6 +152,8 @@ def check(conf_dir: str, overrides: list[str]) -> None:
     except Exception as e:  # noqa: BLE001 - Hydra's grammar errors have several types
         first = str(e).strip().splitlines()[0]
         raise MetatrainError(f"cannot read the overrides ({first})") from None
+    for o in parsed:
+        _check_sweep_makes_cells(o)
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         default = compose("config")
         for o in parsed:  # every value of a swept group must name an option
@@ -165,6 +168,25 @@ def check(conf_dir: str, overrides: list[str]) -> None:
             compose("config", overrides=_first_values(parsed), return_hydra_config=True)
         except Exception as e:  # noqa: BLE001 - translated to one line below
             raise _translate(e, default, groups(conf_dir)) from None
+
+
+def _check_sweep_makes_cells(o) -> None:
+    """A swept key that does not change the maths is left out of the run directory's
+    name (keys.py), so its cells would share one directory and every cell after the
+    first would find that run, finished or in use: refused before anything starts."""
+    key = o.get_key_element().lstrip("+~")
+    if not o.is_sweep_override() or not is_non_math(key):
+        return
+    values = o.input_line.split("=", 1)[-1]
+    first = (
+        next(iter(o.sweep_string_iterator()), "a") if type(o.value()).__name__ != "Glob" else "a"
+    )
+    name = key.rsplit(".", 1)[-1]
+    raise MetatrainError(
+        f"{key} is swept ({values}) but does not change the maths, so it is left out of the "
+        f"run directories' names and the cells would share one: run one sweep per value, "
+        f"each with its own sweep_name (metatrain -m ... {key}={first} sweep_name=<name>-{name}-{first})"
+    )
 
 
 def _check_option(group: str, option: str) -> None:

@@ -78,6 +78,24 @@ def test_other_repeats_are_refused_with_one_line(given, fragment):
     assert fragment in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "swept", ["train.backend=loop,vmap", "logger=none,wandb", "train.threads=range(1,3)"]
+)
+def test_a_sweep_over_a_key_that_does_not_change_the_maths_is_refused(swept):
+    # its cells would share one run directory (the key is left out of the name)
+    with pytest.raises(MetatrainError, match=r"^[^\n]*$") as e:
+        usage.check(CONF_DIR, ["experiment=quickstart", swept])
+    key = swept.split("=")[0]
+    assert f"{key} is swept" in str(e.value) and "sweep_name" in str(e.value)
+    usage.check(CONF_DIR, ["experiment=quickstart", "seed=0,1", "train.backend=loop"])  # fine
+
+
+def test_multirun_and_cfg_together_are_one_line():
+    out = run_cli("-m", "experiment=quickstart", "--cfg", "job")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-2000:]
+    assert out.stderr.startswith("metatrain: error: -m and --cfg cannot go together")
+
+
 def test_a_repeated_plain_key_keeps_its_last_value():
     given = ["train.iterations=5", "train.iterations=10"]
     assert usage.combine_repeats(CONF_DIR, given) == given
