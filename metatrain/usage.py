@@ -178,14 +178,15 @@ def _check_sweep_makes_cells(o) -> None:
     if not o.is_sweep_override() or not is_non_math(key):
         return
     values = o.input_line.split("=", 1)[-1]
-    first = (
-        next(iter(o.sweep_string_iterator()), "a") if type(o.value()).__name__ != "Glob" else "a"
-    )
+    try:  # a glob or an interval has no list of values to show
+        first = next(iter(o.sweep_string_iterator()))
+    except Exception:  # noqa: BLE001 - whichever sweep type Hydra refuses to list
+        first = "<value>"
     name = key.rsplit(".", 1)[-1]
     raise MetatrainError(
         f"{key} is swept ({values}) but does not change the maths, so it is left out of the "
-        f"run directories' names and the cells would share one: run one sweep per value, "
-        f"each with its own sweep_name (metatrain -m ... {key}={first} sweep_name=<name>-{name}-{first})"
+        "run directories' names and the cells would share one: run one sweep per value, each "
+        f"with its own sweep_name (metatrain -m ... {key}={first} sweep_name=<name>-{name}-{first})"
     )
 
 
