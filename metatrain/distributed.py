@@ -68,6 +68,13 @@ def env_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_local_world() -> int:
+    """The run's processes on this machine (LOCAL_WORLD_SIZE); 1 outside a distributed run."""
+    _submitit_env()
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    return max(int(local), 1) if local.isdigit() else 1
+
+
 def rank() -> int:
     return _ctx["rank"]
 

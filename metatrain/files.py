@@ -66,8 +66,7 @@ def save_text(text: str, path: Path) -> None:
 
 
 def save_json(obj, path: Path) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
-    _replace_atomically(path, lambda f: f.write(text.encode()))
+    save_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", path)
 
 
 def is_writable_dir(path: Path) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from metatrain import distributed
 from metatrain.data import FewShotSplits
 from metatrain.data.cache import mapped_above
 from metatrain.errors import MetatrainError
@@ -46,18 +47,11 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def processes_on_this_machine() -> int:
-    """A distributed run's processes on this machine (torchrun and submitit set
-    LOCAL_WORLD_SIZE); 1 outside one."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
-    return max(int(local), 1) if local.isdigit() else 1
-
-
 def memory_budget(device: torch.device) -> int:
     """Half the memory available, shared by the processes that each load their own
     copy of the splits: those of a distributed run on this machine (for the host) and
     those on this GPU (more ranks than GPUs)."""
-    local = processes_on_this_machine()
+    local = distributed.env_local_world()
     budget = int(BUDGET_FRACTION * available_memory()) // local
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
