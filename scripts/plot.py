@@ -13,7 +13,9 @@ configuration, named in the legends by its command-line overrides.
   the mean over seeds with the mean per-run 95% confidence interval (over test
   tasks) as the error bar, each seed as a dot, the published number as a red
   mark where the configuration is a published table row, and the single model
-  beside the top-k ensemble where the run tested both.
+  beside the top-k ensemble where the run tested both. With --evals, each
+  metatrain-eval protocol of the runs (RUN_DIR/eval/*.json) is a bar of its own,
+  as in summarize.py --evals (e.g. Reptile's final weights tested transductively).
 
 Both go into the first directory given, or --out DIR.
 """
@@ -53,7 +55,9 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def load_runs(dirs: list[Path]) -> list[dict]:
+def load_runs(dirs: list[Path], evals: bool = False) -> list[dict]:
+    """The runs under `dirs`; with `evals`, also one pseudo-run per metatrain-eval record,
+    which has a test block and no curve."""
     cells = sorted({p.parent.parent for d in dirs for p in d.rglob(".hydra/config.yaml")})
     runs = [summarize.read_cell(c) for c in cells]
     for run in runs:
@@ -62,6 +66,8 @@ def load_runs(dirs: list[Path]) -> list[dict]:
             run["test"] = json.loads((run["cell"] / "results.json").read_text())["test"]
         except (OSError, ValueError, KeyError):
             run["test"] = None
+    if evals:
+        runs += [{**e, "metrics": []} for r in runs for e in summarize.read_evals(r)]
     return runs
 
 
@@ -70,21 +76,24 @@ def group(runs: list[dict]) -> tuple[list[dict], str]:
     its own overrides (those shared by every configuration go into the title)."""
     groups: dict[str, list[dict]] = {}
     for run in runs:
-        groups.setdefault(summarize.row_key(run["cfg"]), []).append(run)
+        groups.setdefault(summarize.row_key(run["cfg"]) + run["source"], []).append(run)
     configs = [{"runs": g, "overrides": g[0]["overrides"].split()} for g in groups.values()]
     common = (
         set.intersection(*(set(c["overrides"]) for c in configs)) if len(configs) > 1 else set()
     )
     for c in configs:
-        cfg = c["runs"][0]["cfg"]
-        own = " ".join(o for o in c["overrides"] if o not in common)
-        c["method"], c["task"] = summarize.algorithm_label(cfg), summarize.task_name(cfg)
-        c["bn"] = summarize.bn_mode(cfg)
+        # An evaluation is named as its run, then its protocol ("eval:..."), and sorts
+        # just after it.
+        own = " ".join(o for o in c["overrides"] if o not in common and not o.startswith("eval:"))
+        protocol = " ".join(o for o in c["overrides"] if o.startswith("eval:"))
+        # task and batch norm from the run, or from an evaluation's own protocol
+        c["method"], c["task"], c["bn"] = (c["runs"][0][k] for k in ("method", "task", "bn"))
         c["preset"] = c["runs"][0].get("preset")  # a published row's config, or None
-        c["label"] = own or c["method"]
+        c["base"] = own or c["method"]
+        c["label"] = f"{c['base']} {protocol}".strip()
         c["seeds"] = len(c["runs"])
     shared = [o for o in configs[0]["overrides"] if o in common] if configs else []
-    return sorted(configs, key=lambda c: c["label"]), " ".join(shared)
+    return sorted(configs, key=lambda c: (c["base"], c["label"])), " ".join(shared)
 
 
 def _series(runs: list[dict], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -189,7 +198,9 @@ def plot_bars(configs: list[dict], shared: str, path: Path):
     # small differences look large); chance level (100 / ways) drawn for reference.
     ax.set_ylim(0, 100)
     for x, (c, _) in zip(xs, rows, strict=True):
-        ways = (c["runs"][0]["cfg"].get("dataset") or {}).get("ways")
+        run = c["runs"][0]
+        protocol = (run["test"] or {}).get("protocol") or {}  # an evaluation's, if any
+        ways = protocol.get("ways") or (run["cfg"].get("dataset") or {}).get("ways")
         if ways:
             ax.hlines(100 / ways, x - 0.4, x + 0.4, color="black", linestyle=":", linewidth=1,
                       zorder=4, label="chance (1 / ways)")  # fmt: skip
@@ -213,9 +224,9 @@ def _title(what: str, shared: str, width_in: float) -> str:
     return what + "\n" + textwrap.fill(shared, width=max(20, int(11 * width_in)))
 
 
-def make_figures(dirs: list[Path], out: Path) -> dict:
+def make_figures(dirs: list[Path], out: Path, evals: bool = False) -> dict:
     """Write the figures; returns {file name: matplotlib Figure} for what was drawn."""
-    configs, shared = group(load_runs(dirs))
+    configs, shared = group(load_runs(dirs, evals))
     if not configs:
         raise ValueError(
             f"no runs (folders with .hydra/config.yaml) under {' '.join(map(str, dirs))}"
@@ -238,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", type=Path, nargs="+", metavar="SWEEP_OR_RUN_DIR")
     parser.add_argument("--out", type=Path, metavar="DIR", help="default: the first directory")
+    parser.add_argument("--evals", action="store_true",
+                        help="a test bar per metatrain-eval protocol (RUN_DIR/eval/*.json)")  # fmt: skip
     args = parser.parse_args(argv)
     if plt is None:
         return fail("matplotlib is missing: pip install 'metatrain[plot]' (make install does)")
@@ -245,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         return fail(f"not a directory: {', '.join(missing)}")
     try:
-        figures = make_figures(args.dirs, args.out or args.dirs[0])
+        figures = make_figures(args.dirs, args.out or args.dirs[0], args.evals)
     except ValueError as e:
         return fail(str(e))
     if not figures:

@@ -216,6 +216,19 @@ def read_cell(cell: Path) -> dict:
     return run
 
 
+def keeps_preset(cfg: dict, maths: list[str]) -> bool:
+    """Whether an evaluation with these maths overrides is still the run's published row, or
+    its twin. None: the run's own protocol. Only `model.bn_eval`, on a run that tests its
+    last parameters: training never reads that key and no checkpoint was chosen under it,
+    so the evaluation is what the preset differing in that key alone would report (Reptile
+    with and without transduction; tests/test_presets.py checks they differ in nothing
+    else). The published number then follows the evaluation's batch-norm mode."""
+    if not maths:
+        return True
+    last = str((cfg.get("eval") or {}).get("test_from", "best")).lower() == "last"
+    return last and all(o.split("=", 1)[0].lstrip("+") == "model.bn_eval" for o in maths)
+
+
 def read_evals(run: dict) -> list[dict]:
     """A run's metatrain-eval results (RUN_DIR/eval/*.json), one pseudo-run each."""
     out = []
@@ -227,11 +240,12 @@ def read_evals(run: dict) -> list[dict]:
         except (OSError, ValueError, KeyError, TypeError):
             print(f"summarize: warning: {path} unreadable, left out", file=sys.stderr)
             continue
-        shown = ",".join(o for o in record.get("overrides", []) if not is_non_math(o.split("=")[0]))
+        maths = [o for o in record.get("overrides", []) if not is_non_math(o.split("=")[0])]
+        shown = ",".join(maths)
         status = "finished" if state["status"] == "finished" else f"eval at {state['iteration']}"
-        same = not shown  # the run's own protocol: still the published row's, if it was
         out.append({**run, **numbers, "source": f"eval: {path.stem}", "status": status,
-                    "preset": run["preset"] if same else None,
+                    "preset": run["preset"] if keeps_preset(run["cfg"], maths) else None,
+                    "test": record,
                     "overrides": f"{run['overrides']} eval:{shown or 'own'}".strip(),
                     "task": task_name(run["cfg"], p["ways"], p["shots"]), "bn": bn_eval_mode(p["bn_eval"]),
                     "iterations": state["iteration"], "wall": None})  # fmt: skip

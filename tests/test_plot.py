@@ -88,6 +88,45 @@ def test_curves_and_bars_of_two_configs_by_two_seeds(tmp_path):
     assert chance and chance[0].get_segments()[0][0][1] == pytest.approx(20.0)
 
 
+def test_evaluations_are_bars_of_their_own_with_their_rows_published_number(tmp_path):
+    """--evals: Reptile's final weights re-tested transductively (metatrain-eval
+    model.bn_eval=transductive) beside the run's own non-transductive test, each bar
+    with its own published row (95.39, 97.68); no curve of its own."""
+    cell = tmp_path / "reptile"
+    (cell / ".hydra").mkdir(parents=True)
+    cfg = {
+        "algorithm": {"name": "reptile"},
+        "dataset": {"name": "omniglot", "ways": 5, "shots": 1},
+        "model": {"bn_eval": "support_plus_query"},
+        "train": {"iterations": 40},
+        "eval": {"test_from": "last"},
+        "seed": 0,
+    }
+    (cell / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (cell / ".hydra" / "overrides.yaml").write_text(
+        yaml.safe_dump(["experiment=reptile_omniglot_5w1s"])
+    )
+    (cell / "metrics.jsonl").write_text(json.dumps({"iteration": 10, "train/acc": 50.0}) + "\n")
+    (cell / "results.json").write_text(json.dumps({"test": score(95.0)}))
+    (cell / "eval").mkdir()
+    record = {**score(97.5), "bn_eval": "transductive", "overrides": ["model.bn_eval=transductive"],
+              "protocol": {"ways": 5, "shots": 1, "bn_eval": "transductive"},
+              "run": {"status": "finished", "iteration": 40}}  # fmt: skip
+    (cell / "eval" / "model.bn_eval=transductive.json").write_text(json.dumps(record))
+
+    (ax,) = plot.make_figures([tmp_path], tmp_path / "runs")[plot.BARS].axes
+    assert [p.get_height() for p in ax.patches] == pytest.approx([95.0])  # runs only
+    figures = plot.make_figures([tmp_path], tmp_path / "evals", evals=True)
+    (ax,) = figures[plot.BARS].axes
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == ["reptile", "reptile\neval:model.bn_eval=transductive"]
+    assert [p.get_height() for p in ax.patches] == pytest.approx([95.0, 97.5])
+    marks = [c for c in ax.collections if c.get_label() == "published (full budget)"]
+    assert [m.get_segments()[0][0][1] for m in marks] == pytest.approx([95.39, 97.68])
+    (train_ax,) = [a for a in figures[plot.CURVES].axes if "Training accuracy" in a.get_title()]
+    assert len(train_ax.get_lines()) == 1  # the evaluation adds no curve
+
+
 def test_a_long_title_is_wrapped_to_the_figure_not_clipped():
     shared = " ".join(f"train.key_number_{i}=value_{i}" for i in range(12))
     title = plot._title("Test accuracy per configuration", shared, 8.0)

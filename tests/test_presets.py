@@ -140,3 +140,15 @@ def test_mamlpp_algorithm_is_the_authors_run_and_the_papers_da_one_override_away
     )
     paper = make_cfg("algorithm=mamlpp", "algorithm.da=true").algorithm
     assert paper.da and paper.da_epochs == 50
+
+
+@pytest.mark.parametrize("task", ["omniglot_5w1s", "omniglot_5w5s", "omniglot_20w1s",
+                                  "omniglot_20w5s", "miniimagenet_5w1s", "miniimagenet_5w5s"])  # fmt: skip
+def test_reptile_with_transduction_is_reptile_tested_transductively(task):
+    """The two Reptile rows differ in model.bn_eval alone and test the final weights, so
+    one run re-tested (metatrain-eval model.bn_eval=transductive) is the other row:
+    summarize and plot give it that row's published number."""
+    plain = make_cfg(f"experiment=reptile_{task}", "model.bn_eval=transductive")
+    twin = make_cfg(f"experiment=reptile_transductive_{task}")
+    assert OmegaConf.to_container(plain) == OmegaConf.to_container(twin)
+    assert twin.eval.test_from.value == "last"

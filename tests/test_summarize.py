@@ -321,3 +321,33 @@ def test_single_and_ensemble_columns_and_evaluation_rows(tmp_path):
     assert rows["eval: default"]["ensemble_acc_mean"] == rows["run"]["ensemble_acc_mean"]
     assert rows["eval: default"]["paper_acc"] == "99.47"  # the run's own protocol
     assert "running stats" in (tmp_path / "summary.md").read_text()
+
+
+def test_an_evaluation_changing_only_bn_eval_is_the_twin_presets_published_row(tmp_path):
+    """Reptile's final weights re-tested transductively are the reptile_transductive row:
+    training never reads model.bn_eval and no checkpoint was chosen under it."""
+
+    def evaluation(c, name, overrides, bn, acc):
+        record = {"acc": acc, "ci95": 0.3, "tasks": 10000, "members": [100000], "bn_eval": bn,
+                  "overrides": overrides, "protocol": {"ways": 5, "shots": 1, "bn_eval": bn},
+                  "run": {"status": "finished", "iteration": 100000}}  # fmt: skip
+        (c / "eval").mkdir(exist_ok=True)
+        (c / "eval" / f"{name}.json").write_text(json.dumps(record))
+
+    last = {**config("reptile", bn_eval="support_plus_query"), "eval": {"test_from": "last"}}
+    c = cell(tmp_path / "last", ["experiment=reptile_omniglot_5w1s"], last, acc=95.0)
+    evaluation(c, "bn", ["model.bn_eval=transductive", "device=cpu"], "transductive", 97.5)
+    evaluation(c, "bn+tasks", ["model.bn_eval=transductive", "eval.test_tasks=1000"],
+               "transductive", 97.4)  # fmt: skip
+    rows = {r["source"]: r for r in summary(tmp_path / "last", "--evals")}
+    assert rows["run"]["paper_acc"] == "95.39"  # Reptile, non-transductive
+    assert (rows["eval: bn"]["bn_eval"], rows["eval: bn"]["paper_acc"]) == ("transductive", "97.68")
+    assert float(rows["eval: bn"]["delta"]) == pytest.approx(97.5 - 97.68)
+    assert rows["eval: bn+tasks"]["paper_acc"] == ""  # 1,000 tasks: not the preset's test
+    # Under test_from=best the checkpoint was chosen by validation under the run's own
+    # batch-norm mode: the other mode's preset could have chosen another one.
+    best = {**last, "eval": {"test_from": "best"}}
+    c = cell(tmp_path / "best", ["experiment=reptile_omniglot_5w1s"], best, acc=95.0)
+    evaluation(c, "bn", ["model.bn_eval=transductive"], "transductive", 97.5)
+    rows = {r["source"]: r for r in summary(tmp_path / "best", "--evals")}
+    assert rows["eval: bn"]["paper_acc"] == ""
