@@ -218,7 +218,7 @@ def read_cell(cell: Path) -> dict:
 
 def keeps_preset(cfg: dict, maths: list[str]) -> bool:
     """Whether an evaluation with these maths overrides is still the run's published row, or
-    its twin. None: the run's own protocol. Only `model.bn_eval`, on a run that tests its
+    its twin. No override: the run's own protocol. Only `model.bn_eval`, on a run that tests its
     last parameters: training never reads that key and no checkpoint was chosen under it,
     so the evaluation is what the preset differing in that key alone would report (Reptile
     with and without transduction; tests/test_presets.py checks they differ in nothing
